@@ -1,0 +1,1 @@
+"""ddpm-scale: data_pipeline."""

@@ -1,0 +1,1 @@
+"""ddpm-scale: models."""
