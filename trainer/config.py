@@ -1,0 +1,429 @@
+"""One typed config tree: nested dataclasses, YAML presets, dotted CLI overrides.
+
+Precedence is CLI > file > defaults. Every field carries a one-line doc in its
+``metadata["help"]``; unknown keys and wrong types are errors that name the key
+and the nearest valid one. The model, diffusion, data and evaluation sections
+are the dataclasses of the modules that own them, so nothing is declared twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline import DataConfig
+from models.diffusion import DiffusionConfig
+from models.unet import UNetConfig
+from trainer.evaluate import EvalConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user without a traceback."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line doc (shorthand used throughout this file)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is seeded."""
+
+    name: str = _f("quickstart", "run name; the run directory defaults to runs/<name>")
+    dir: str = _f("", "run directory (config, checkpoints, TensorBoard, samples); '' = runs/<name>")
+    seed: int = _f(0, "base seed; every random draw derives from (seed, rank, images seen)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: batch, duration, AdamW, precision and compilation."""
+
+    batch_size: int = _f(128, "global batch per optimizer step (all GPUs and accumulation together)")
+    batch_per_gpu: int = _f(0, "micro-batch per GPU; 0 = batch_size / world_size (no accumulation)")
+    total_images: int = _f(102_400_000, "training length in images (steps x batch_size)")
+    lr: float = _f(2e-4, "peak learning rate (DDPM: 2e-4 at 32x32, 2e-5 at 256x256)")
+    warmup_images: int = _f(640_000, "linear learning-rate warm-up length in images (DDPM: 5000 steps)")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (DDPM: 0)")
+    betas: tuple[float, float] = _f((0.9, 0.999), "Adam betas")
+    eps: float = _f(1e-8, "Adam epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 = off")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    compile: str = _f("auto", "torch.compile the UNet: auto (on GPU only) | true | false")
+    channels_last: bool = _f(True, "use the channels_last memory format on GPU")
+    max_nonfinite_steps: int = _f(20, "stop after this many non-finite losses in a row")
+    label_dropout: float = _f(0.1, "class-conditional models: drop labels with this probability (CFG)")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving averages of the weights (fp32 shadows)."""
+
+    decays: tuple[float, ...] = _f((0.9999,), "one or several EMA decays per optimizer step")
+    warmup: bool = _f(False, "use min(decay, (1 + n) / (10 + n)) for the first updates")
+
+
+@dataclass
+class CheckpointConfig:
+    """Crash-safe checkpoints in <run>/checkpoints."""
+
+    every_images: int = _f(1_280_000, "write a checkpoint every this many images")
+    keep_last: int = _f(3, "keep this many most recent checkpoints")
+    milestone_every_images: int = _f(0, "also keep every checkpoint at multiples of this; 0 = none")
+    async_write: bool = _f(True, "write in a background thread (the step only waits for the host copy)")
+
+
+@dataclass
+class LogConfig:
+    """Console, TensorBoard and sample grids."""
+
+    every_images: int = _f(12_800, "log scalars every this many images")
+    sample_every_images: int = _f(1_280_000, "write a fixed-noise EMA sample grid every this many images; 0 = off")
+    sample_count: int = _f(64, "images in the sample grid")
+    sample_sampler: str = _f("ddim", "sampler for the grid: ddim | ddpm")
+    sample_steps: int = _f(50, "sampler steps for the grid")
+    tensorboard: bool = _f(True, "write TensorBoard event files under <run>/tb")
+
+
+@dataclass
+class DistConfig:
+    """Process group settings."""
+
+    backend: str = _f("auto", "auto (nccl on GPU, gloo on CPU) | nccl | gloo")
+    init_timeout_s: int = _f(1800, "collective timeout for start-up and the first steps (compile, data)")
+    timeout_s: int = _f(600, "collective timeout after dist.warmup_steps; a dead rank ends the job")
+    warmup_steps: int = _f(20, "steps run with the start-up timeout before switching to dist.timeout_s")
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "run directory and seed"})
+    model: UNetConfig = field(default_factory=UNetConfig, metadata={"help": "the UNet"})
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata={"help": "noise schedule and target"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "shards and loader"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "EMA weights"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging and samples"})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "distributed settings"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "FID during training"})
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (run.dir, or runs/<run.name>)."""
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+# Fields whose change alters the model or the math: resuming with a different
+# value is refused. Everything else (durations, intervals, workers, ...) may change.
+FINGERPRINT_SECTIONS = ("model", "diffusion")
+FINGERPRINT_FIELDS = (
+    "run.seed",
+    "data.image_size",
+    "data.hflip",
+    "data.use_labels",
+    "train.batch_size",
+    "train.lr",
+    "train.warmup_images",
+    "train.weight_decay",
+    "train.betas",
+    "train.eps",
+    "train.grad_clip",
+    "train.label_dropout",
+    "ema.decays",
+    "ema.warmup",
+)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)
+    prefix = leaf[0] + "." if len(leaf) == 2 else ""
+    name = leaf[-1]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _merge_into(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of dataclass ``obj`` from a nested dict, with checks."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise _unknown_key(key, names)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            _merge_into(getattr(obj, k), v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, tp, key))
+
+
+def set_dotted(cfg: Config, key: str, value: Any) -> None:
+    """Apply one dotted override such as ``train.batch_size=32`` (value already YAML-parsed)."""
+    parts = key.split(".")
+    nested: Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    _merge_into(cfg, nested)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key=value`` and parse the value as YAML (lists, numbers, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.batch_size=32)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the config: defaults, then the YAML file, then the dotted CLI overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        _merge_into(cfg, data)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(cfg, key, value)
+    validate_fields(cfg)
+    return cfg
+
+
+def validate_fields(cfg: Config) -> None:
+    """Field-level checks, independent of the world size (each module validates its own)."""
+    for section in (cfg.model, cfg.diffusion, cfg.data, cfg.eval):
+        validate = getattr(section, "validate", None)
+        if validate is not None:
+            try:
+                validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    t = cfg.train
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision: expected auto, bf16 or fp32, got {t.precision!r}")
+    if t.compile not in ("auto", "true", "false"):
+        raise ConfigError(f"train.compile: expected auto, true or false, got {t.compile!r}")
+    if cfg.dist.backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"dist.backend: expected auto, nccl or gloo, got {cfg.dist.backend!r}")
+    if cfg.log.sample_sampler not in ("ddim", "ddpm"):
+        raise ConfigError(f"log.sample_sampler: expected ddim or ddpm, got {cfg.log.sample_sampler!r}")
+    for key in ("train.batch_size", "train.total_images", "checkpoint.every_images", "log.every_images",
+                "checkpoint.keep_last", "train.max_nonfinite_steps", "ema.decays"):
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        vals = v if isinstance(v, tuple) else (v,)
+        if not vals or any(x <= 0 for x in vals):
+            raise ConfigError(f"{key}: must be positive, got {v!r}")
+    if any(not 0.0 < d < 1.0 for d in cfg.ema.decays):
+        raise ConfigError(f"ema.decays: each decay must be in (0, 1), got {cfg.ema.decays!r}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if t.batch_per_gpu < 0 or t.warmup_images < 0 or t.grad_clip < 0:
+        raise ConfigError("train.batch_per_gpu, train.warmup_images and train.grad_clip must be >= 0")
+
+
+@dataclass
+class BatchPlan:
+    """How the global batch splits over ranks and accumulation steps."""
+
+    world_size: int
+    batch_per_gpu: int
+    accum_steps: int
+    global_batch: int
+    total_steps: int
+
+
+def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
+    """Check divisibility of batch and intervals for this world size (EDM2 style), once at start-up."""
+    t = cfg.train
+    per_gpu = t.batch_per_gpu or t.batch_size // max(world_size, 1)
+    if per_gpu <= 0 or t.batch_size % (per_gpu * world_size):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be a multiple of train.batch_per_gpu x world size "
+            f"= {per_gpu} x {world_size}; set train.batch_per_gpu to a divisor of {t.batch_size // world_size}"
+            if t.batch_size % world_size == 0
+            else f"train.batch_size={t.batch_size} is not divisible by the world size {world_size}"
+        )
+    accum = t.batch_size // (per_gpu * world_size)
+    for key in ("train.total_images", "checkpoint.every_images", "log.every_images",
+                "log.sample_every_images", "checkpoint.milestone_every_images", "eval.every_images"):
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name, 0)
+        if v and v % t.batch_size:
+            raise ConfigError(
+                f"{key}={v} must be a multiple of train.batch_size={t.batch_size} "
+                f"(nearest: {max(t.batch_size, round(v / t.batch_size) * t.batch_size)})"
+            )
+    return BatchPlan(world_size, per_gpu, accum, t.batch_size, t.total_images // t.batch_size)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain nested dict (tuples become lists) suitable for YAML, JSON and torch.save."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. from a checkpoint)."""
+    cfg = Config()
+    _merge_into(cfg, data)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fingerprint_fields(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The flat subset of the config that must not change across a resume."""
+    flat = _flatten(cfg_dict)
+    keep = {}
+    for k, v in flat.items():
+        if k.split(".")[0] in FINGERPRINT_SECTIONS or k in FINGERPRINT_FIELDS:
+            keep[k] = v
+    return keep
+
+
+def fingerprint(cfg_dict: dict[str, Any]) -> str:
+    """A short hash of the fields that change the model or the math."""
+    blob = json.dumps(fingerprint_fields(cfg_dict), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Readable lines ``key: old -> new`` for fingerprinted fields that differ."""
+    a, b = fingerprint_fields(old), fingerprint_fields(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def reference_markdown() -> str:
+    """The configuration reference for README.md, generated from the field docs."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    root = Config()
+    for sec in dataclasses.fields(root):
+        obj = getattr(root, sec.name)
+        for f in dataclasses.fields(obj):
+            default = to_dict(getattr(obj, f.name))
+            doc = f.metadata.get("help", "")
+            lines.append(f"| `{sec.name}.{f.name}` | `{json.dumps(default)}` | {doc} |")
+    return "\n".join(lines)

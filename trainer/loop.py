@@ -1,0 +1,513 @@
+"""The training loop: small build_* functions, then one loop in fixed, commented blocks.
+
+Progress is counted in images (``nimg``); the step index is nimg // global batch.
+All randomness of a step derives from (seed, rank, nimg, micro-step), so a resumed
+run draws exactly what an uninterrupted one would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer import distributed as du
+from trainer.checkpoint import CheckpointManager
+from trainer.config import (
+    BatchPlan,
+    Config,
+    ConfigError,
+    fingerprint,
+    fingerprint_diff,
+    plan_batches,
+    to_dict,
+    to_yaml,
+)
+from trainer.ema import EMA
+from trainer.monitor import Monitor, Stopwatch
+from trainer.sample import make_grid, rank_indices, sample_uint8, save_png
+
+log = logging.getLogger("ddpm")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_REQUEUE = 75  # stopped by a signal after writing a checkpoint: "resume me" (EX_TEMPFAIL)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclass
+class TrainState:
+    """The loop's own state; everything else lives in the components' state dicts."""
+
+    nimg: int = 0  # training images seen, all ranks together
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    best_fid: float = float("inf")
+
+
+def seed_for(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of values (stable across processes and runs)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on GPU by default, fp32 (None) on CPU unless asked."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def resolve_compile(cfg: Config, device: torch.device) -> bool:
+    """Compile on GPU by default, on CPU only when asked."""
+    return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
+def build_data(cfg: Config, plan: BatchPlan, info: du.DistInfo):
+    """Make the synthetic shards on first use (rank 0), then the loader of data_pipeline/."""
+    from data_pipeline import build_loader
+
+    if cfg.data.synthetic_images > 0:
+        if du.is_main():
+            from data_pipeline.synthetic import ensure_synthetic_shards
+
+            ensure_synthetic_shards(cfg.data.shards, cfg.data.synthetic_images, cfg.model.image_size,
+                                    seed=cfg.run.seed)
+        du.barrier()
+    return build_loader(cfg.data, batch_size=plan.batch_per_gpu, rank=info.rank,
+                        world_size=info.world_size, seed=cfg.run.seed, device=info.device)
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The plain UNet on ``device`` (no DDP, no compile: those are applied by ``parallelize``)."""
+    from models.unet import UNet
+
+    model = UNet(cfg.model).to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def parallelize(model: nn.Module, cfg: Config, info: du.DistInfo) -> nn.Module:
+    """Apply DDP and torch.compile from outside the model; returns the module the step calls."""
+    wrapped: nn.Module = model
+    if info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(
+            model,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            broadcast_buffers=False,  # GroupNorm has no running buffers to keep in sync
+            gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: saves one copy of 114M grads
+            static_graph=True,  # the UNet's graph never changes: lets DDP overlap and skip unused-param search
+            bucket_cap_mb=25,
+        )
+    if resolve_compile(cfg, info.device):
+        # Compiling the DDP module lets dynamo split graphs at bucket boundaries so
+        # all-reduce overlaps backward (DDPOptimizer).
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> tuple[torch.optim.Optimizer, bool]:
+    """AdamW, fused where the build supports it (it can skip a non-finite step without a host sync)."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs), True
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs), False
+
+
+def lr_at(cfg: Config, nimg: int) -> float:
+    """Linear warm-up over train.warmup_images, then constant (DDPM)."""
+    w = cfg.train.warmup_images
+    return cfg.train.lr * min(1.0, (nimg + cfg.train.batch_size) / w) if w > 0 else cfg.train.lr
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class StepStats:
+    """Device-side accumulators between log steps: no host sync inside the step."""
+
+    def __init__(self, device: torch.device, num_timesteps: int) -> None:
+        self.device = device
+        self.T = num_timesteps
+        self.reset()
+        self.nonfinite_run = torch.zeros((), device=device)
+        self.max_run = torch.zeros((), device=device)
+        self.first_bad_step = torch.full((), -1.0, device=device)
+
+    def reset(self) -> None:
+        """Zero the per-interval sums."""
+        z = lambda n: torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
+        self.loss_sum, self.count = z(()), z(())
+        self.q_sum, self.q_count = z(4), z(4)
+        self.gnorm_sum, self.steps, self.skipped = z(()), z(()), z(())
+
+    def add_losses(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """Per-sample losses (B,) with their timesteps (B,)."""
+        losses = losses.detach().double()
+        ok = torch.isfinite(losses)
+        safe = torch.where(ok, losses, torch.zeros_like(losses))
+        self.loss_sum += safe.sum()
+        self.count += ok.sum()
+        q = (t * 4 // self.T).clamp(0, 3)  # timestep quartile
+        self.q_sum.index_add_(0, q, safe)
+        self.q_count.index_add_(0, q, ok.double())
+
+    def add_step(self, grad_norm: torch.Tensor, found_inf: torch.Tensor, step: int, max_run: int) -> None:
+        """Grad norm and the non-finite bookkeeping of one optimizer step."""
+        finite = 1.0 - found_inf
+        self.gnorm_sum += torch.nan_to_num(grad_norm.double(), nan=0.0, posinf=0.0) * finite
+        self.steps += finite.double()
+        self.skipped += found_inf.double()
+        self.nonfinite_run = (self.nonfinite_run + found_inf) * found_inf
+        hit = (self.nonfinite_run >= max_run) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(hit, torch.full_like(self.first_bad_step, step), self.first_bad_step)
+        self.max_run = torch.maximum(self.max_run, self.nonfinite_run)
+
+    def reduce(self) -> dict[str, float]:
+        """All-reduce over ranks and move to the host (the one sync point, on log steps)."""
+        vec = torch.cat([
+            self.loss_sum.view(1), self.count.view(1), self.q_sum, self.q_count,
+            self.gnorm_sum.view(1), self.steps.view(1), self.skipped.view(1),
+        ])
+        du.all_reduce_sum(vec)
+        v = vec.tolist()
+        world = du.get_world_size()
+        out = {
+            "train/loss": v[0] / v[1] if v[1] else float("nan"),
+            "train/grad_norm": v[10] / v[11] if v[11] else float("nan"),
+            "train/skipped_steps_interval": v[12] / world,  # identical on every rank (grads are all-reduced)
+        }
+        for i in range(4):
+            out[f"loss_by_t/q{i}"] = v[2 + i] / v[6 + i] if v[6 + i] else float("nan")
+        return out
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def gather_loader_states(loader) -> list[Any]:
+    """Every rank's loader cursor (stored in the checkpoint as a list indexed by rank)."""
+    return du.gather_objects(loader.state_dict())
+
+
+def restore_loader(loader, states: list[Any], rank: int, world_size: int) -> None:
+    """Give the loader its cursor back; with another world size it receives all of them."""
+    if len(states) == world_size:
+        loader.load_state_dict(states[rank])
+    else:
+        log.warning("world size changed from %d to %d: the loader resumes with its weaker guarantee",
+                    len(states), world_size)
+        loader.load_state_dict({"resharded_from": states})
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, info: du.DistInfo) -> int:
+    """Run (or resume) training in ``cfg.run_dir``; returns a process exit code."""
+    plan = plan_batches(cfg, info.world_size)
+    run_dir = cfg.run_dir
+    rank, world, device = info.rank, info.world_size, info.device
+    cfg_dict = to_dict(cfg)
+    fp = fingerprint(cfg_dict)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str((run_dir / "inductor_cache").resolve()))
+
+    ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                             cfg.checkpoint.milestone_every_images, cfg.checkpoint.async_write)
+    if du.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial()
+    du.barrier()
+
+    # --- build: data first, so a bad data path fails before any GPU work
+    loader = build_data(cfg, plan, info)
+    if cfg.data.use_labels and cfg.model.num_classes != loader.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {loader.num_classes} classes")
+    if loader.image_size != cfg.model.image_size:
+        raise ConfigError(f"model.image_size={cfg.model.image_size} but the shards hold {loader.image_size}px images")
+    from models.diffusion import GaussianDiffusion, drop_labels
+
+    model = build_model(cfg, device)
+    ema = EMA(model, cfg.ema.decays, cfg.ema.warmup)
+    optimizer, fused = build_optimizer(model, cfg, device)
+    diffusion = GaussianDiffusion(cfg.diffusion).to(device)
+    state = TrainState()
+
+    # --- resume: rank 0 picks the newest usable checkpoint; every rank loads that file
+    found = ckpt.load_latest() if du.is_main() else None
+    path = du.broadcast_object(str(found[1]) if found else None)
+    if path is not None:
+        from trainer.checkpoint import load_checkpoint
+
+        saved = found[0] if found else load_checkpoint(path)
+        if saved["fingerprint"] != fp:
+            diff = fingerprint_diff(saved["config"], cfg_dict)
+            raise ConfigError(
+                f"{run_dir} holds a run whose model or math differ from this config:\n  "
+                + "\n  ".join(diff or ["(fingerprint differs)"])
+                + "\nUse a new run.dir, or restore these values."
+            )
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(**saved["train_state"])
+        restore_loader(loader, saved["loader"], rank, world)
+        log.info("resumed from %s at step %d (%d images)", path, state.nimg // plan.global_batch, state.nimg)
+        del saved, found
+    if du.is_main():
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if state.nimg >= cfg.train.total_images:
+        log.info("run %s already finished at step %d (%d images); nothing to do. Raise train.total_images "
+                 "to train longer.", run_dir, state.nimg // plan.global_batch, state.nimg)
+        loader.close()
+        return EXIT_OK
+
+    train_model = parallelize(model, cfg, info)
+    amp_dtype = resolve_precision(cfg, device)
+    ema_model = build_model(cfg, device).eval().requires_grad_(False)  # holds EMA weights for sampling
+    start_nimg, start_step = state.nimg, state.nimg // plan.global_batch
+    monitor = Monitor(run_dir, du.is_main(), cfg.log.tensorboard, purge_step=start_step if start_nimg else None)
+    evaluator = None
+    if getattr(cfg.eval, "every_images", 0):
+        from trainer.evaluate import build_evaluator
+
+        evaluator = build_evaluator(cfg.eval, data_cfg=cfg.data, image_size=cfg.model.image_size,
+                                    num_classes=cfg.model.num_classes, device=device)
+    stats = StepStats(device, diffusion.num_timesteps)
+    watch = Stopwatch()
+    gen = torch.Generator(device=device)
+    stop = du.StopRequest().install()
+    data_iter = iter(loader)
+    conditional = cfg.model.num_classes > 0
+    B, T = plan.global_batch, diffusion.num_timesteps
+    t_start = time.perf_counter()
+    last_log_nimg = state.nimg
+    log.info("training %s: %d steps of %d images (%d per GPU x %d GPUs x %d accumulation), from step %d",
+             run_dir, plan.total_steps, B, plan.batch_per_gpu, world, plan.accum_steps, start_step)
+
+    def every(interval: int) -> bool:
+        return interval > 0 and state.nimg % interval == 0 and state.nimg > start_nimg
+
+    def save(best: str | None = None) -> None:
+        loader_states = gather_loader_states(loader)
+        if du.is_main():
+            ckpt.save({
+                "model": model.state_dict(),  # the unwrapped, uncompiled module: no prefixes
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_schedule": {"kind": "linear_warmup", "warmup_images": cfg.train.warmup_images},
+                "train_state": asdict(state),
+                "loader": loader_states,
+                "config": cfg_dict,
+                "fingerprint": fp,
+            }, state.nimg, best=best)
+
+    exit_code = EXIT_OK
+    try:
+        while True:
+            step = state.nimg // B
+
+            # --- status: reduced metrics, console line, TensorBoard (sync point: log steps only)
+            if every(cfg.log.every_images) or state.nimg >= cfg.train.total_images:
+                values = stats.reduce()
+                data_wait = watch.totals.get("data", 0.0)
+                interval_wall = watch.reset()
+                done_imgs = max(B, state.nimg - last_log_nimg)
+                last_log_nimg = state.nimg
+                loader_stats = loader.stats()
+                bad = torch.tensor([loader_stats.get("bad_samples", 0), loader_stats.get("samples", 0)],
+                                   dtype=torch.float64, device=device)
+                du.all_reduce_sum(bad)
+                state.skipped_steps += int(round(values["train/skipped_steps_interval"]))
+                values.update({
+                    "train/lr": lr_at(cfg, state.nimg - B),
+                    "perf/images_per_s": done_imgs / interval_wall,
+                    "perf/images_per_s_per_gpu": done_imgs / interval_wall / world,
+                    "perf/step_time_s": interval_wall * B / done_imgs,
+                    "perf/data_wait_frac": min(1.0, data_wait / interval_wall),
+                    "perf/memory_gb": memory_gb(device),
+                    "train/skipped_steps": float(state.skipped_steps),
+                    "data/bad_samples": float(bad[0].item()),
+                })
+                values.pop("train/skipped_steps_interval", None)
+                monitor.scalars(values, step)
+                monitor.console(step, plan.total_steps, state.nimg, values, time.perf_counter() - t_start,
+                                start_step)
+                if float(stats.max_run.item()) >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{cfg.train.max_nonfinite_steps} non-finite losses in a row, first reaching that count "
+                        f"at step {int(stats.first_bad_step.item())}; stopping. The last good checkpoint is kept "
+                        f"in {ckpt.dir}. Lower train.lr or check the data."
+                    )
+                stats.reset()
+                stats.max_run.zero_()
+
+            # --- pictures and metrics from the EMA weights (every rank takes part)
+            if every(cfg.log.sample_every_images) or (state.nimg >= cfg.train.total_images and
+                                                      cfg.log.sample_every_images > 0 and
+                                                      state.nimg > start_nimg):
+                ema.copy_to(ema_model)
+                sample_grid(cfg, diffusion, ema_model, monitor, run_dir, step, state.nimg, device)
+            best = None
+            if evaluator is not None and every(cfg.eval.every_images):
+                ema.copy_to(ema_model)
+                metrics = evaluator.evaluate(ema_model, diffusion, state.nimg)
+                monitor.scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
+                if metrics.get("fid", float("inf")) < state.best_fid:
+                    state.best_fid = metrics["fid"]
+                    best = "fid"
+
+            # --- checkpoint; done?; stop request agreed by all ranks (one gloo all-reduce)
+            done = state.nimg >= cfg.train.total_images
+            stop_now = stop.agreed()
+            if every(cfg.checkpoint.every_images) or best or ((done or stop_now) and state.nimg > start_nimg):
+                save(best)
+            if done:
+                log.info("finished: step %d, %d images, in %.1f min", step, state.nimg,
+                         (time.perf_counter() - t_start) / 60)
+                break
+            if stop_now:
+                log.info("stopped by signal at step %d; checkpoint written, exit code %d", step, EXIT_REQUEUE)
+                exit_code = EXIT_REQUEUE
+                break
+            if step - start_step == cfg.dist.warmup_steps:
+                du.set_collective_timeout(cfg.dist.timeout_s)
+
+            # --- step: accumulate micro-batches, clip, AdamW (skips non-finite steps on device)
+            lr = lr_at(cfg, state.nimg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(plan.accum_steps):
+                t0 = time.perf_counter()
+                batch = next(data_iter)
+                watch.add("data", time.perf_counter() - t0)
+                x = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W) uint8
+                x0 = x.float().div_(127.5).sub_(1.0)  # [-1, 1]
+                if cfg.train.channels_last and device.type == "cuda":
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                s = seed_for(cfg.run.seed, rank, state.nimg, micro)
+                gen.manual_seed(s)
+                torch.manual_seed(s ^ 0x5DEECE66D)  # dropout draws
+                t = torch.randint(0, T, (x0.shape[0],), generator=gen, device=device)  # t ~ U{1..T} (0-indexed)
+                noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)  # eps ~ N(0, I)
+                y = None
+                if conditional:
+                    y = batch["label"].to(device, non_blocking=True)
+                    y = drop_labels(y, cfg.train.label_dropout, gen)
+                sync_ctx = (train_model.no_sync() if world > 1 and micro < plan.accum_steps - 1
+                            and hasattr(train_model, "no_sync") else contextlib.nullcontext())
+                amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                       else contextlib.nullcontext())
+                with sync_ctx, amp:
+                    losses = diffusion.training_losses(train_model, x0, t, noise, y=y)  # (b,) eq. 14
+                (losses.float().mean() / plan.accum_steps).backward()
+                stats.add_losses(losses, t)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"), foreach=True
+            )
+            found_inf = (~torch.isfinite(grad_norm)).float()  # a non-finite loss makes the norm non-finite
+            if fused:
+                # The fused AdamW kernel skips the update (and un-counts the step) when
+                # found_inf is 1, on the device: the GradScaler protocol, without a sync.
+                optimizer.found_inf = found_inf
+                optimizer.grad_scale = None
+                optimizer.step()
+            elif not bool(found_inf.item()):  # non-fused fallback: one sync per step
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.add_step(grad_norm, found_inf, step, cfg.train.max_nonfinite_steps)
+
+            # --- EMA: one fused lerp per decay over all tensors
+            ema.update(model)
+            state.nimg += B
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        exit_code = EXIT_ERROR
+    finally:
+        stop.uninstall()
+        ckpt.wait()
+        monitor.flush()
+        if evaluator is not None and state.best_fid < float("inf"):
+            monitor.hparams({k: v for k, v in _flat(cfg_dict).items()}, {"hparam/best_fid": state.best_fid})
+        monitor.close()
+        loader.close()
+    return exit_code
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@torch.no_grad()
+def sample_grid(cfg: Config, diffusion, ema_model: nn.Module, monitor: Monitor, run_dir: Path, step: int,
+                nimg: int, device: torch.device) -> None:
+    """A fixed-noise grid from the EMA weights, split over ranks, saved as PNG and to TensorBoard."""
+    n = cfg.log.sample_count
+    mine = rank_indices(n, du.get_rank(), du.get_world_size())
+    m = cfg.model
+    labels = torch.arange(n) % m.num_classes if m.num_classes else None
+    imgs = sample_uint8(ema_model, diffusion, mine, image_shape=(m.in_channels, m.image_size, m.image_size),
+                        seed=cfg.run.seed, batch_size=max(1, cfg.train.batch_size // du.get_world_size()),
+                        sampler=cfg.log.sample_sampler, steps=cfg.log.sample_steps, labels=labels, device=device)
+    allimgs = du.all_gather_tensor(imgs.to(device)).cpu()
+    idx = du.all_gather_tensor(torch.tensor(mine, dtype=torch.long, device=device)).cpu()
+    if du.is_main():
+        grid = make_grid(allimgs[torch.argsort(idx)])
+        out = run_dir / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        save_png(grid, out / f"grid-{nimg:012d}.png")
+        monitor.image("samples/ema_grid", grid, step)
+        log.info("sample grid written: %s", out / f"grid-{nimg:012d}.png")
+
+
+def dry_run_summary(cfg: Config, world_size: int) -> str:
+    """The --dry-run summary: world size, batches, steps, parameters, training FLOPs per image."""
+    from models.flops import training_flops_per_image
+    from models.unet import UNet
+
+    plan = plan_batches(cfg, world_size)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in UNet(replace(cfg.model)).parameters())
+    flops = training_flops_per_image(cfg.model)
+    return "\n".join([
+        f"run directory      {cfg.run_dir}",
+        f"world size         {world_size}",
+        f"batch              {plan.global_batch} global = {plan.batch_per_gpu} per GPU x {world_size} GPUs "
+        f"x {plan.accum_steps} accumulation",
+        f"duration           {plan.total_steps} steps ({cfg.train.total_images} images)",
+        f"parameters         {n_params / 1e6:.2f}M",
+        f"training FLOPs     {flops / 1e9:.2f} GFLOP per image (forward + backward); "
+        f"{flops * plan.global_batch / 1e12:.2f} TFLOP per step",
+    ])
