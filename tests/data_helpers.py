@@ -1,0 +1,143 @@
+"""Test-data generators shared by the tests: image folders (with planted bad files), LSUN LMDBs, shards."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def colourful_image(rng: np.random.Generator, size: int) -> Image.Image:
+    """A random gradient with a bright rectangle: cheap, varied and compressible."""
+    ys, xs = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    base = rng.uniform(0, 255, size=(3, 2))
+    arr = np.stack([base[c, 0] * xs + base[c, 1] * ys for c in range(3)], -1) / 2
+    x0, y0 = rng.integers(0, size // 2, size=2)
+    w, h = rng.integers(size // 4, size // 2 + 1, size=2)
+    arr[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 255, size=3)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def make_image_folder(
+    root: str | Path,
+    num_images: int,
+    size: int = 24,
+    classes: int = 0,
+    seed: int = 0,
+    ext: str = "png",
+) -> list[Path]:
+    """Write num_images valid RGB images (in `classes` sub-folders when classes > 0)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(num_images):
+        folder = root / f"class{i % classes}" if classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i:05d}.{ext}"
+        colourful_image(rng, size).save(path)
+        paths.append(path)
+    return paths
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 95, **kw) -> bytes:
+    """Encode a PIL image as JPEG bytes."""
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality, **kw)
+    return out.getvalue()
+
+
+def make_odd_files(root: str | Path, size: int = 24) -> dict[str, list[str]]:
+    """Plant bad and unusual files in root; returns {"bad": [...names], "good": [...names]}."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(123)
+    good: list[str] = []
+    bad: list[str] = []
+
+    full = jpeg_bytes(colourful_image(rng, 64))
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not an image\n")
+    bad += ["truncated.jpg", "zero.jpg", "text.jpg"]
+
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), "L").save(root / "gray.png")
+    rgba = np.concatenate(
+        [rng.integers(0, 255, (size, size, 3)), np.full((size, size, 1), 128)], -1
+    ).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
+    colourful_image(rng, size).convert("CMYK").save(root / "cmyk.jpg")
+    colourful_image(rng, size).convert("P", palette=Image.ADAPTIVE).save(root / "palette.png")
+    # 16-bit grayscale at 50% intensity: a naive convert would clip it to white.
+    Image.fromarray(np.full((size, size), 32768, dtype=np.uint16)).save(root / "sixteen.png")
+    colourful_image(rng, size // 2).save(root / "small.bmp")
+    colourful_image(rng, size).save(root / "photo.webp")
+    good += [
+        "gray.png",
+        "rgba.png",
+        "cmyk.jpg",
+        "palette.png",
+        "sixteen.png",
+        "small.bmp",
+        "photo.webp",
+    ]
+
+    # EXIF orientation 6 (rotate 90 CW to display): stored wide, left half red, right half blue;
+    # shown upright it is tall with red on top.
+    arr = np.zeros((size, 2 * size, 3), np.uint8)
+    arr[:, :size] = (255, 0, 0)
+    arr[:, size:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(root / "exif_rotated.jpg", quality=95, exif=exif.tobytes())
+    good.append("exif_rotated.jpg")
+    (root / "notes.txt").write_text("ignored: not an image extension\n")
+    return {"bad": bad, "good": good}
+
+
+def make_lsun_lmdb(path: str | Path, num_images: int, size: int = 32, seed: int = 0) -> Path:
+    """Write a tiny LSUN-style LMDB (key: hex id, value: encoded JPEG/WebP bytes)."""
+    import lmdb
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i in range(num_images):
+            img = colourful_image(rng, size).resize((size + 8, size))  # LSUN images are not square
+            data = jpeg_bytes(img, quality=90)
+            if i % 3 == 2:  # the release mixes encodings; webp exercises the generic decoder
+                out = io.BytesIO()
+                img.save(out, format="WEBP")
+                data = out.getvalue()
+            txn.put(f"{i:040x}".encode(), data)
+    env.close()
+    return path
+
+
+def make_shards(
+    out_dir: str | Path,
+    num_images: int,
+    size: int = 16,
+    shard_size: int = 10,
+    classes: int = 0,
+    seed: int = 0,
+    fmt: str = "jpeg",
+) -> Path:
+    """Generate images and prepare them into shards through the real prepare path; returns manifest."""
+    from data_pipeline.prepare import prepare
+
+    out_dir = Path(out_dir)
+    src = out_dir.parent / f"{out_dir.name}-src"
+    make_image_folder(src, num_images, size=size, classes=classes, seed=seed)
+    return prepare(
+        src,
+        out_dir,
+        image_size=size,
+        shard_size=shard_size,
+        labels=classes > 0,
+        progress=False,
+        fmt=fmt,
+    )
