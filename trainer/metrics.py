@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from trainer import distributed as du
 
 FeatureExtractor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 ExtractorFactory = Callable[[str, torch.device], FeatureExtractor]
@@ -35,38 +36,6 @@ kid_subset_size_default = 1000
 metric_rng_seed = 2020
 
 _registry: dict[str, ExtractorFactory] = {}
-
-
-# --------------------------------------------------------------------------- rank helpers
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op without a process group)."""
-    if _dist_on():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate (N_r, ...) tensors from all ranks along dim 0; N_r may differ per rank."""
-    if not _dist_on() or dist.get_world_size() == 1:
-        return t
-    world = dist.get_world_size()
-    # Uneven counts: share the counts, pad to the largest, gather, then cut the padding off.
-    n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.int64)
-    counts = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(counts, n)
-    counts_i = [int(c.item()) for c in counts]
-    pad = max(counts_i)
-    padded = torch.zeros((pad, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:c] for o, c in zip(out, counts_i)], dim=0)
 
 
 # --------------------------------------------------------------------------- extractors
@@ -218,11 +187,11 @@ class FeatureMoments:
 
     def all_reduce(self) -> FeatureMoments:
         """Sum the moments over all ranks (one collective of D^2 + D + 1 float64)."""
-        if _dist_on():
+        if du.is_initialized():
             flat = torch.cat(
                 [self.sum, self.outer.flatten(), self.sum.new_tensor([float(self.count)])]
             )
-            _all_reduce_sum(flat)
+            du.all_reduce_sum(flat)
             d = self.sum.shape[0]
             self.sum = flat[:d].clone()
             self.outer = flat[d : d + d * d].view(d, d).clone()
@@ -306,7 +275,7 @@ def reference_from_batches(
     Every rank must call this (collectives); ``max_images`` is this rank's share. At most
     ``kid_features`` features in total are kept (spread over ranks) for KID.
     """
-    world = dist.get_world_size() if _dist_on() else 1
+    world = du.get_world_size()
     keep_per_rank = math.ceil(kid_features / world) if kid_features > 0 else 0
     moments: FeatureMoments | None = None
     kept: list[torch.Tensor] = []
@@ -330,7 +299,7 @@ def reference_from_batches(
     features = None
     if keep_per_rank:
         dev = moments.sum.device
-        features = all_gather_rows(torch.cat(kept).to(dev))[:kid_features].cpu().numpy()
+        features = du.all_gather_tensor(torch.cat(kept).to(dev))[:kid_features].cpu().numpy()
     return ReferenceStats(mu, sigma, moments.count, features, dict(meta or {}))
 
 
