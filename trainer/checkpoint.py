@@ -163,8 +163,8 @@ class CheckpointManager:
             try:
                 state = load_checkpoint(path, map_location)
             except Exception as e:  # noqa: BLE001 - any failure means "not usable"
-                log.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
-                            path, str(e).splitlines()[0][:200])
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", path, reason)
                 continue
             return state, path
         return None
