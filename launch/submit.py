@@ -1,0 +1,282 @@
+"""Submit a multi-node DDPM training job to SLURM through submitit, requeued until it finishes.
+
+One SLURM task per GPU. Each task maps SLURM's environment onto torchrun's (launch.slurm_env),
+runs the trainer in-process, and decides from its exit code what happens next:
+
+- 0: finished; the job completes.
+- 75 (EXIT_REQUEUE): the trainer caught the time-limit/preemption signal (SLURM sends
+  ``--signal=USR2@<lead>``), every rank stopped at the same step and one checkpoint was
+  written. Rank 0 runs ``scontrol requeue``; the requeued job resumes from the run directory.
+  After ``--max-requeues`` requeues the job fails instead.
+- anything else (2: bad config, 1: crash): the job fails once, the error in its logs.
+
+Usage:
+    python -m launch.submit --config configs/lsun_church_256.yaml --nodes 8 --gpus-per-node 8 \
+        --partition gpu --time 3-00:00:00 --run-dir /shared/runs/church run.name=church
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launch import slurm_env
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_time_min(text: str) -> int:
+    """SLURM time ("MM", "HH:MM:SS", "D-HH[:MM[:SS]]", "MM:SS") to whole minutes (rounded up)."""
+    days, _, rest = text.partition("-") if "-" in text else ("0", "", text)
+    parts = [int(p) for p in rest.split(":")]
+    if "-" in text:
+        # After a day count the fields are hours[:minutes[:seconds]] (sbatch(1)).
+        parts += [0] * (3 - len(parts))
+        h, m, s = parts
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    elif len(parts) == 3:
+        h, m, s = parts
+    else:
+        raise ValueError(f"bad SLURM time {text!r}")
+    total_s = ((int(days) * 24 + h) * 60 + m) * 60 + s
+    if total_s <= 0:
+        raise ValueError(f"time limit must be positive: {text!r}")
+    return -(-total_s // 60)
+
+
+def resolve_run_dir(config: str | None, overrides: Sequence[str], run_dir: str | None) -> Path:
+    """The run directory the trainer will use: --run-dir > run.dir= > config file > runs/<run.name>."""
+    values = dict(o.split("=", 1) for o in overrides if "=" in o)
+    if run_dir:
+        return Path(run_dir).absolute()
+    if values.get("run.dir"):
+        return Path(values["run.dir"]).absolute()
+    cfg: dict[str, Any] = {}
+    if config:
+        with open(config) as f:
+            cfg = yaml.safe_load(f) or {}
+    run = cfg.get("run") or {}
+    if run.get("dir"):
+        return Path(run["dir"]).absolute()
+    name = values.get("run.name") or run.get("name") or "ddpm"
+    return Path("runs", str(name)).absolute()
+
+
+def decide(code: int, restarts: int, max_requeues: int) -> str:
+    """What a finished trainer's exit code means for the job: "done", "requeue" or "fail"."""
+    if code == 0:
+        return "done"
+    if code == slurm_env.EXIT_REQUEUE:
+        # A job that keeps stopping without finishing is stopped by the cap, not requeued forever.
+        return "requeue" if restarts < max_requeues else "fail"
+    return "fail"
+
+
+def _load_entry(spec: str) -> Callable[[list[str]], int]:
+    """Import "package.module:function"."""
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn or "main")
+
+
+def _log(msg: str) -> None:
+    print(f"[launch] {msg}", flush=True)
+
+
+@dataclass
+class TrainTask:
+    """The callable submitit runs once per SLURM task (one per GPU)."""
+
+    argv: list[str]
+    run_dir: str
+    max_requeues: int
+    compile_cache: str | None = None
+    entry: str = "trainer.main:main"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self) -> int:
+        """Set up torchrun's environment from SLURM's, train, then finish, requeue or fail."""
+        os.environ.update(self.extra_env)
+        env = slurm_env.torchrun_env(os.environ)
+        os.environ.update(env)
+        # Every rank and every requeue share one inductor cache, so a requeued job reuses the
+        # compiled kernels instead of paying the whole torch.compile again.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.compile_cache or str(
+            Path(self.run_dir) / "inductor_cache"
+        )
+        rank = int(env["RANK"])
+        restarts = slurm_env.restart_count(os.environ)
+        job_id = os.environ["SLURM_JOB_ID"]
+        _log(
+            f"host={socket.gethostname()} rank={rank}/{env['WORLD_SIZE']} "
+            f"local_rank={env['LOCAL_RANK']}/{env['LOCAL_WORLD_SIZE']} "
+            f"master={env['MASTER_ADDR']}:{env['MASTER_PORT']} job={job_id} restart={restarts}"
+        )
+        code = _load_entry(self.entry)(list(self.argv))
+        action = decide(code, restarts, self.max_requeues)
+        _log(f"rank={rank} trainer exited with {code} -> {action}")
+        if action == "done":
+            return code
+        if action == "requeue":
+            if rank == 0:
+                # All ranks stopped at one step before the trainer returned 75, so the
+                # checkpoint is complete; requeueing kills the (finished) step and starts over.
+                subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+                _log(f"requeued job {job_id} ({restarts + 1}/{self.max_requeues})")
+            # SystemExit, not a return: submitit must not write a result, the job is not over.
+            raise SystemExit(code)
+        if code == slurm_env.EXIT_REQUEUE:
+            raise RuntimeError(
+                f"trainer stopped at a checkpoint but job {job_id} was already requeued "
+                f"{restarts} times (--max-requeues {self.max_requeues}); resubmit to continue"
+            )
+        raise RuntimeError(
+            f"trainer exited with code {code} ({'configuration error' if code == 2 else 'failure'}); "
+            f"not requeued. See the logs in {self.run_dir}/slurm"
+        )
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Used by submitit's own USR2 handler, which is active only before the trainer starts."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The submit CLI's arguments."""
+    p = argparse.ArgumentParser(
+        prog="ddpm-submit",
+        description="Submit DDPM training to SLURM (one task per GPU, requeued at time limits).",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-4")
+    p.add_argument("--config", help="YAML preset, as for trainer/main.py")
+    p.add_argument("--run-dir", help="run directory (default: the config's run.dir or runs/<run.name>)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0 for a CPU job")
+    p.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node (one task per GPU)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--mem", help="memory per node, e.g. 480G (sbatch --mem)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time", default="1-00:00:00", help="time limit per run of the job, SLURM syntax")
+    p.add_argument("--constraint")
+    p.add_argument("--exclude", help="nodes to avoid, SLURM hostlist")
+    p.add_argument("--job-name", default=None, help="default: ddpm-<run dir name>")
+    p.add_argument(
+        "--signal-lead-s",
+        type=int,
+        default=180,
+        help="seconds before the time limit at which SLURM sends USR2 (time to stop and checkpoint)",
+    )
+    p.add_argument("--max-requeues", type=int, default=50)
+    p.add_argument("--compile-cache", help="TORCHINDUCTOR_CACHE_DIR (default <run dir>/inductor_cache)")
+    p.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        help="shell line to run in the job before srun (repeatable), e.g. 'module load cuda'",
+    )
+    p.add_argument("--sbatch", action="append", default=[], help="extra sbatch option KEY=VALUE")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE set in every task")
+    p.add_argument("--entry", default="trainer.main:main", help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true", help="print the job script and resources only")
+    return p
+
+
+def job_parameters(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (sbatch options) for the parsed CLI."""
+    tasks = args.tasks_per_node if args.tasks_per_node is not None else max(args.gpus_per_node, 1)
+    if args.gpus_per_node and tasks != args.gpus_per_node:
+        raise ValueError("one task per GPU: --tasks-per-node must equal --gpus-per-node")
+    extra: dict[str, Any] = {"requeue": True}  # SLURM may also requeue us itself (node failure)
+    if args.mem:
+        extra["mem"] = args.mem  # passed verbatim; submitit's `mem` wants GB numbers
+    for kv in args.sbatch:
+        k, _, v = kv.partition("=")
+        extra[k.lstrip("-").replace("-", "_")] = v if v else True
+    params: dict[str, Any] = {
+        "job_name": args.job_name or f"ddpm-{run_dir.name}",
+        "nodes": args.nodes,
+        "ntasks_per_node": tasks,
+        "time": parse_time_min(args.time),
+        "signal_delay_s": args.signal_lead_s,
+        "setup": [f"export PYTHONPATH={shlex.quote(str(_REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+        + list(args.setup),
+        "additional_parameters": extra,
+    }
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    for key in ("cpus_per_task", "partition", "account", "qos", "constraint", "exclude"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    return params
+
+
+def make_task(args: argparse.Namespace, run_dir: Path) -> TrainTask:
+    """The per-task callable: trainer argv with the run directory pinned."""
+    argv = (["--config", str(Path(args.config).absolute())] if args.config else []) + [
+        o for o in args.overrides if not o.startswith("run.dir=")
+    ]
+    argv.append(f"run.dir={run_dir}")
+    return TrainTask(
+        argv=argv,
+        run_dir=str(run_dir),
+        max_requeues=args.max_requeues,
+        compile_cache=args.compile_cache,
+        entry=args.entry,
+        extra_env=dict(kv.split("=", 1) for kv in args.env),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry (console script `ddpm-submit`); prints the job id, or the job script on --dry-run."""
+    args = build_parser().parse_args(argv)
+    run_dir = resolve_run_dir(args.config, args.overrides, args.run_dir)
+    try:
+        params = job_parameters(args, run_dir)
+        task = make_task(args, run_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    folder = run_dir / "slurm"
+    from submitit.slurm import slurm as submitit_slurm  # the only place submitit is used
+
+    if args.dry_run:
+        command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        sbatch_params = {k: v for k, v in params.items()}
+        print(submitit_slurm._make_sbatch_string(command=command, folder=folder, **sbatch_params))
+        n = args.nodes * params["ntasks_per_node"]
+        print(f"# resources: {args.nodes} node(s) x {params['ntasks_per_node']} task(s) = {n} rank(s), "
+              f"{args.gpus_per_node} GPU(s)/node, time {params['time']} min per run, "
+              f"USR2 {args.signal_lead_s}s before the limit, up to {args.max_requeues} requeues")
+        print(f"# run dir: {run_dir}  (per-rank logs: {folder}/<jobid>_<rank>_log.{{out,err}})")
+        print(f"# each task runs: {task.entry} {shlex.join(task.argv)}")
+        print(f"# TORCHINDUCTOR_CACHE_DIR={task.compile_cache or run_dir / 'inductor_cache'}")
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    executor = submitit_slurm.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+    executor.update_parameters(**params)
+    job = executor.submit(task)
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {params['ntasks_per_node']} task(s)")
+    print(f"run dir:  {run_dir}")
+    print(f"logs:     {folder}/{job.job_id}_<rank>_log.out / .err")
+    print(f"watch:    tensorboard --logdir {run_dir}/tb    squeue -j {job.job_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
