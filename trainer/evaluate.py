@@ -377,51 +377,24 @@ def denoising_strip(
     device: torch.device | str = "cpu",
     padding: int = 2,
 ) -> torch.Tensor:
-    """One row per seed: x_t from pure noise (left) to x_0 (right), as in the DDPM figures.
+    """One row per seed: x_t from pure noise x_T (left) to x_0 (right), as in the DDPM figures.
 
     Returns uint8 (3, H', W') for TensorBoard's add_image.
     """
     from torchvision.utils import make_grid
 
-    device = torch.device(device)
-    out = diffusion.sample(
+    _, frames = diffusion.sample(
         model, shape=(3, image_size, image_size), seeds=list(seeds), sampler=sampler,
-        steps=steps, y=y, device=device, progress=False, return_intermediates=True,
-    )
-    frames = _intermediate_frames(out)  # list over time of (B, C, H, W), noisiest first
-    # Evenly spaced columns over the trajectory, always including the noise and the result.
+        steps=steps, y=y, device=torch.device(device), progress=False,
+        return_intermediates=True, intermediate_steps=num_columns,
+    )  # frames: list over time of (B, C, H, W) on the CPU, x_T first, x_0 last
+    # Evenly spaced columns over the trajectory, always the noise and the result.
     pick = sorted({round(i * (len(frames) - 1) / max(num_columns - 1, 1)) for i in range(num_columns)})
-    cols = torch.stack([frames[i].float().cpu() for i in pick], dim=1)  # (B, T', C, H, W)
+    cols = torch.stack([frames[i].float() for i in pick], dim=1)  # (B, T', C, H, W)
     b, t = cols.shape[:2]
-    grid = make_grid(
-        to_uint8(cols.reshape(b * t, *cols.shape[2:]).clamp(-1, 1)), nrow=t, padding=padding, pad_value=255
-    )
-    return grid  # (3, H', W') uint8
-
-
-def _intermediate_frames(out: Any) -> list[torch.Tensor]:
-    """Normalise ``sample(..., return_intermediates=True)`` output to frames, noisiest first."""
-    inter = out
-    if isinstance(out, dict):
-        inter = out.get("intermediates", out.get("xs"))
-    elif isinstance(out, tuple) and len(out) == 2 and not torch.is_tensor(out[1]) or (
-        isinstance(out, tuple) and len(out) == 2 and torch.is_tensor(out[1]) and out[1].dim() == 5
-    ):
-        inter = out[1]
-    if torch.is_tensor(inter):
-        if inter.dim() != 5:
-            raise ValueError(f"unexpected intermediates shape {tuple(inter.shape)}")
-        # (T, B, C, H, W) or (B, T, C, H, W): time is the axis that is not the batch.
-        frames = list(inter.unbind(0)) if inter.shape[0] != out_batch(out) else list(inter.unbind(1))
-    else:
-        frames = [f if torch.is_tensor(f) else f[1] for f in inter]  # list of tensors or (t, x) pairs
-    return frames
-
-
-def out_batch(out: Any) -> int:
-    """Batch size of the final sample in ``out`` (-1 if unknown)."""
-    final = out[0] if isinstance(out, tuple) else out.get("sample") if isinstance(out, dict) else None
-    return int(final.shape[0]) if torch.is_tensor(final) else -1
+    # x_t of early steps leaves [-1, 1] (it is mostly noise): clamp for display.
+    tiles = to_uint8(cols.reshape(b * t, *cols.shape[2:]).clamp(-1, 1))  # (B*T', C, H, W)
+    return make_grid(tiles, nrow=t, padding=padding, pad_value=255)  # (3, H', W') uint8
 
 
 # --------------------------------------------------------------------------- standalone
@@ -655,7 +628,7 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
             "metrics": metrics,
             "protocol": {
                 **protocol,
-                "steps": args.steps or getattr(getattr(diffusion, "cfg", None), "timesteps", None) or "T",
+                "steps": args.steps or diffusion.num_timesteps,
                 "num_samples": n,
                 "feature_extractor": args.feature_extractor,
                 "feature_layers": {"fid": "pool_3 (2048)", "kid": "pool_3 (2048)", "is": "logits_unbiased (1008)"},
