@@ -149,24 +149,34 @@ def sample_images(
 # --------------------------------------------------------------------------- reference
 
 
-def _manifest_path(data_cfg: Any) -> Path:
-    """manifest.json of the training shards (data.shards is the manifest, its folder or a pattern)."""
-    p = Path(str(data_cfg.shards))
+def _manifest_path(data_cfg: Any) -> Path | None:
+    """manifest.json of local training shards (data.shards: the manifest, its folder or a pattern)."""
+    spec = str(data_cfg.shards)
+    if spec.startswith("pipe:") or "://" in spec:
+        return None  # remote shards: no local folder to cache next to
+    p = Path(spec)
     if p.is_dir():
         return p / "manifest.json"
-    if p.name.endswith(".json"):
-        return p
+    if p.suffix in (".json", ".beton"):
+        return p if p.suffix == ".json" else p.with_name("manifest.json")
     return p.parent / "manifest.json"
 
 
 def reference_cache_path(data_cfg: Any, extractor_name: str, image_size: int) -> Path:
-    """Where reference statistics for these shards are cached: next to the manifest."""
+    """Where reference statistics for these shards are cached: next to the manifest.
+
+    Remote shards (http, pipe:) cache under ~/.cache/ddpm-scale, keyed by the shard spec.
+    """
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", extractor_name)
-    return _manifest_path(data_cfg).parent / f"fid_ref_{safe}_{image_size}.npz"
+    manifest = _manifest_path(data_cfg)
+    if manifest is None:
+        key = hashlib.sha1(str(data_cfg.shards).encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "ddpm-scale" / f"fid_ref_{key}_{safe}_{image_size}.npz"
+    return manifest.parent / f"fid_ref_{safe}_{image_size}.npz"
 
 
-def _file_sha1(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else ""
+def _file_sha1(path: Path | None) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path is not None and path.is_file() else ""
 
 
 def reference_from_data(
@@ -215,12 +225,13 @@ def reference_from_data(
     batches = (b["image"] for b in loader)
     ref = reference_from_batches(batches, extractor, device, share, meta=dict(want))
     ref.meta.update(
-        source=str(_manifest_path(data_cfg)),
+        source=str(_manifest_path(data_cfg) or data_cfg.shards),
         num_images=ref.num_images,
         library=library_version(),
         seconds=round(time.time() - t0, 1),
     )
     if du.is_main():
+        cache.parent.mkdir(parents=True, exist_ok=True)
         ref.save(cache)
     du.barrier()
     return ref
@@ -361,6 +372,54 @@ def make_extractor(name: str, weights: str, device: torch.device) -> FeatureExtr
     return extractor
 
 
+# --------------------------------------------------------------------------- validation loss
+
+
+@torch.no_grad()
+def pinned_validation_loss(
+    model: torch.nn.Module,
+    diffusion: Any,
+    images: torch.Tensor,
+    indices: list[int],
+    timesteps: tuple[int, ...] = (10, 100, 250, 500, 750, 990),
+    seed: int = 0,
+    batch_size: int = 64,
+    labels: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Loss of eq. 14 at fixed t with fixed noise per held-out image: comparable across steps.
+
+    ``images`` are this rank's uint8 (N, C, H, W) held-out images, ``indices`` their global
+    ids (image i's noise at t is seeded by (seed, i, t), so any rank split gives the same
+    numbers). Every rank calls it; returns {"val_loss_t<t>": mean, ..., "val_loss": mean of those}.
+    """
+    device = torch.device(device)
+    ts = [t for t in timesteps if 0 <= t < diffusion.num_timesteps]
+    sums = torch.zeros(len(ts) + 1, dtype=torch.float64, device=device)  # per-t sums, then count
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            x0 = images[i : i + batch_size].to(device).float() / 127.5 - 1  # (B, C, H, W) in [-1, 1]
+            idx = indices[i : i + batch_size]
+            y = labels[i : i + batch_size].to(device) if labels is not None else None
+            for j, t in enumerate(ts):
+                noise = torch.stack([
+                    torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
+                        (seed * 1_000_003 + k) * 10_007 + t)) for k in idx
+                ]).to(device)
+                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+                sums[j] += diffusion.training_losses(model, x0, tt, noise, y).double().sum()
+            sums[-1] += x0.shape[0]
+    finally:
+        model.train(was_training)
+    du.all_reduce_sum(sums)
+    n = max(sums[-1].item(), 1.0)
+    out = {f"val_loss_t{t}": sums[j].item() / n for j, t in enumerate(ts)}
+    out["val_loss"] = sum(out.values()) / max(len(ts), 1)
+    return out
+
+
 # --------------------------------------------------------------------------- pictures
 
 
@@ -457,7 +516,8 @@ def _save_chunk(path: Path, images: np.ndarray, labels: np.ndarray | None, start
 
 def _write_adm_npz(path: Path, pieces: list[tuple[int, int, Path]], n: int, conditional: bool) -> None:
     """Stream chunks into an ADM-style .npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) without holding N images."""
-    first = np.load(pieces[0][2])["images"]
+    with np.load(pieces[0][2]) as z:
+        first = z["images"]
     shape, dtype = (n, *first.shape[1:]), first.dtype
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -529,6 +589,7 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
     device, rank, world = info.device, du.get_rank(), du.get_world_size()
     model, diffusion, config, ckpt = _load_model(args)
     model.to(device)
+    diffusion.to(device)
     mcfg = config.get("model", {})
     image_size = int(mcfg.get("image_size", 32))
     num_classes = int(mcfg.get("num_classes", 0) or 0)
@@ -548,6 +609,7 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": image_size,
         "num_classes": num_classes,
     }
+    problem = None
     if du.is_main():
         sample_dir.mkdir(parents=True, exist_ok=True)
         pfile = out_dir / "protocol.json"
@@ -555,10 +617,12 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
             old = json.loads(pfile.read_text())
             diff = {k: (old.get(k), v) for k, v in protocol.items() if old.get(k) != v}
             if diff:
-                raise SystemExit(f"{out_dir} holds samples made with other settings {diff}; use another --out")
+                problem = f"{out_dir} holds samples made with other settings {diff}; use another --out"
         else:
             pfile.write_text(json.dumps(protocol, indent=2) + "\n")
-    du.barrier()
+    problem = du.broadcast_object(problem)  # every rank stops, none waits at a barrier
+    if problem:
+        raise SystemExit(problem)
 
     # ---- sampling: rank 0 decides what is missing, chunks go round-robin over ranks.
     todo = None

@@ -109,6 +109,27 @@ def test_evaluator_with_precomputed_reference(tmp_path) -> None:
     assert E.build_evaluator(E.EvalConfig(every_images=0)) is None
 
 
+def test_pinned_validation_loss_is_split_invariant_and_moves_with_weights() -> None:
+    model, diffusion = _tiny_model()
+    imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8))
+    kw = dict(timesteps=(5, 50, 95), seed=3)
+    whole = E.pinned_validation_loss(model, diffusion, imgs, list(range(5)), batch_size=5, **kw)
+    assert set(whole) == {"val_loss_t5", "val_loss_t50", "val_loss_t95", "val_loss"}
+    # Two "ranks" worth of images, batched differently: the same per-image losses, summed.
+    a = E.pinned_validation_loss(model, diffusion, imgs[:2], [0, 1], batch_size=1, **kw)
+    b = E.pinned_validation_loss(model, diffusion, imgs[2:], [2, 3, 4], batch_size=2, **kw)
+    assert whole["val_loss"] == pytest.approx((2 * a["val_loss"] + 3 * b["val_loss"]) / 5, rel=1e-5)
+    assert E.pinned_validation_loss(model, diffusion, imgs, list(range(5)), **kw) == pytest.approx(whole)
+    # Different weights give a different number (the metric is not a constant). The UNet's
+    # output conv starts at zero (loss = E[eps^2] for any seed), so perturb every weight.
+    other, _ = _tiny_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert E.pinned_validation_loss(other, diffusion, imgs, list(range(5)), **kw)["val_loss"] != (
+        pytest.approx(whole["val_loss"], rel=1e-3))
+
+
 # --------------------------------------------------------------------------- standalone CLI
 
 
