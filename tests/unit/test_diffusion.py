@@ -1,0 +1,201 @@
+"""Gaussian diffusion: schedule values, q_sample (eq. 4), the posterior (eqs. 6-7), the loss (eq. 14)."""
+
+import math
+
+import pytest
+import torch
+
+from models.diffusion import (
+    DiffusionConfig,
+    GaussianDiffusion,
+    drop_labels,
+    make_betas,
+    sampling_timesteps,
+)
+from models.unet import UNet, UNetConfig
+
+
+def test_linear_schedule_is_the_papers():
+    d = GaussianDiffusion(DiffusionConfig())
+    assert d.num_timesteps == 1000
+    assert d.betas.dtype == torch.float64
+    assert d.betas[0].item() == pytest.approx(1e-4, rel=1e-12)
+    assert d.betas[-1].item() == pytest.approx(0.02, rel=1e-12)
+    # evenly spaced
+    steps = d.betas[1:] - d.betas[:-1]
+    assert torch.allclose(steps, torch.full_like(steps, (0.02 - 1e-4) / 999), rtol=1e-9)
+    # abar_t = prod_{s <= t} (1 - beta_s), computed here with a Python loop
+    prod, abar = 1.0, []
+    for b in d.betas.tolist():
+        prod *= 1.0 - b
+        abar.append(prod)
+    assert torch.allclose(d.alphas_cumprod, torch.tensor(abar, dtype=torch.float64), rtol=1e-12)
+    # the paper chose T and betas so that x_T is almost pure noise: abar_T ~ 4e-5
+    assert 1e-5 < d.alphas_cumprod[-1].item() < 1e-4
+    assert d.alphas_cumprod_prev[0].item() == 1.0
+
+
+def test_cosine_schedule_follows_nichol_dhariwal():
+    cfg = DiffusionConfig(schedule="cosine")
+    d = GaussianDiffusion(cfg)
+    s, T = 0.008, 1000
+
+    def f(t: float) -> float:
+        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+
+    for t in (0, 1, 10, 500, 900):
+        assert d.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert d.betas.max().item() == pytest.approx(0.999)  # the cap bites at the end
+    assert (d.betas > 0).all()
+
+
+def test_unknown_names_are_rejected_with_the_field():
+    with pytest.raises(ValueError, match=r"diffusion\.schedule: expected one of \['linear', 'cosine'\]"):
+        GaussianDiffusion(DiffusionConfig(schedule="quadratic"))
+    with pytest.raises(ValueError, match=r"diffusion\.target"):
+        GaussianDiffusion(DiffusionConfig(target="score"))
+    with pytest.raises(ValueError, match=r"diffusion\.beta_start/beta_end"):
+        make_betas(DiffusionConfig(beta_start=0.1, beta_end=0.01))
+    with pytest.raises(ValueError, match=r"diffusion\.timesteps"):
+        GaussianDiffusion(DiffusionConfig(timesteps=1))
+
+
+def test_q_sample_is_eq4():
+    d = GaussianDiffusion(DiffusionConfig())
+    x0, eps = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    t = torch.tensor([0, 499, 999])
+    abar = d.alphas_cumprod[t].float().view(3, 1, 1, 1)
+    assert torch.allclose(d.q_sample(x0, t, eps), abar.sqrt() * x0 + (1 - abar).sqrt() * eps, atol=1e-6)
+
+
+def test_q_sample_statistics():
+    # q(x_t | x0) = N(sqrt(abar) x0, (1 - abar) I), checked by Monte Carlo
+    d = GaussianDiffusion(DiffusionConfig())
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    t = torch.full((20000,), 300)
+    x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    abar = d.alphas_cumprod[300].item()
+    assert x_t.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.02)
+    assert x_t.var().item() == pytest.approx(1 - abar, rel=0.03)
+
+
+def test_posterior_matches_bayes_rule():
+    # q(x_{t-1} | x_t, x0) ∝ N(x_t; sqrt(a_t) x_{t-1}, b_t) N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}):
+    # a product of Gaussians, computed here in float64 from betas only
+    d = GaussianDiffusion(DiffusionConfig())
+    betas = d.betas.tolist()
+    x0 = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    x_t = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    t = torch.tensor([1, 10, 500, 999])
+    mean, var, log_var = d.q_posterior(x0, x_t, t)
+    for i, ti in enumerate(t.tolist()):
+        b = betas[ti]
+        abar_prev = math.prod(1 - bb for bb in betas[:ti])
+        precision = (1 - b) / b + 1 / (1 - abar_prev)
+        exp_mean = (math.sqrt(1 - b) / b * x_t[i] + math.sqrt(abar_prev) / (1 - abar_prev) * x0[i]) / precision
+        assert torch.allclose(mean[i], exp_mean, rtol=1e-8, atol=1e-10)
+        assert var[i].item() == pytest.approx(1 / precision, rel=1e-8)
+        assert log_var[i].item() == pytest.approx(math.log(1 / precision), rel=1e-8)
+    # at t = 0 the posterior is a point mass on x0 and the log variance is clipped (paper's code)
+    mean0, var0, log_var0 = d.q_posterior(x0[:1], x_t[:1], torch.tensor([0]))
+    assert torch.allclose(mean0, x0[:1])
+    assert var0.item() == 0.0
+    assert log_var0.item() == pytest.approx(math.log(d.posterior_variance[1].item()))
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_oracle_model_has_zero_loss_and_targets_invert(target):
+    d = GaussianDiffusion(DiffusionConfig(target=target))
+    x0, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 5, 600, 999])
+
+    def oracle(x_t, tt):
+        assert torch.equal(tt, t)
+        return d.target_for(x0, tt, eps)
+
+    loss = d.training_losses(oracle, x0, t, eps)
+    assert loss.shape == (4,)
+    assert loss.max().item() < 1e-10
+    zero = d.training_losses(lambda x_t, tt: torch.zeros_like(x_t), x0, t, eps)
+    expected = d.target_for(x0, t, eps).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(zero, expected)
+    # from the oracle output at x_t, predict_x0_eps recovers (x0, eps)
+    x_t = d.q_sample(x0, t, eps)
+    rx0, reps = d.predict_x0_eps(d.target_for(x0, t, eps), x_t, d.alphas_cumprod[t])
+    assert torch.allclose(rx0[1:], x0[1:], atol=1e-3)
+    assert torch.allclose(reps[:-1], eps[:-1], atol=1e-3)
+
+
+def test_v_target_definition():
+    d = GaussianDiffusion(DiffusionConfig(target="v"))
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([100, 800])
+    abar = d.alphas_cumprod[t].float().view(2, 1, 1, 1)
+    assert torch.allclose(d.target_for(x0, t, eps), abar.sqrt() * eps - (1 - abar).sqrt() * x0, atol=1e-6)
+
+
+def test_training_loss_with_the_unet_and_labels():
+    cfg = UNetConfig(image_size=8, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(4,), dropout=0.0, num_classes=3)
+    model = UNet(cfg)
+    d = GaussianDiffusion(DiffusionConfig(timesteps=100))
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    loss = d.training_losses(model, x0, torch.tensor([0, 99]), torch.randn_like(x0), torch.tensor([1, 2]))
+    assert loss.shape == (2,)
+    loss.mean().backward()
+    assert model.conv_out.weight.grad is not None
+
+
+def test_bad_timesteps_and_shapes():
+    d = GaussianDiffusion(DiffusionConfig(timesteps=100))
+    x0 = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 100\).*max 100"):
+        d.q_sample(x0, torch.tensor([0, 100]), x0)
+    with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 100\).*min -1"):
+        d.q_posterior(x0, x0, torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match="t: expected integer"):
+        d.q_sample(x0, torch.tensor([0.5, 1.0]), x0)
+    with pytest.raises(ValueError, match=r"t: expected shape \(2,\)"):
+        d.q_sample(x0, torch.tensor([1]), x0)
+    with pytest.raises(ValueError, match="model output: expected shape"):
+        d.training_losses(lambda x, t: x[:, :1], x0, torch.tensor([1, 2]), x0)
+
+
+def test_to_returns_self_and_keeps_float64():
+    d = GaussianDiffusion(DiffusionConfig())
+    assert d.to("cpu") is d
+    assert d.posterior_mean_coef1.dtype == torch.float64
+    x0 = torch.randn(1, 3, 2, 2, dtype=torch.bfloat16)
+    assert d.q_sample(x0, torch.tensor([3]), x0).dtype == torch.float32  # cast on use, at least fp32
+
+
+def test_sample_t_range_and_determinism():
+    d = GaussianDiffusion(DiffusionConfig(timesteps=50))
+    t = d.sample_t(4000, torch.Generator().manual_seed(1))
+    assert t.min().item() == 0 and t.max().item() == 49
+    assert torch.equal(t, d.sample_t(4000, torch.Generator().manual_seed(1)))
+
+
+def test_sampling_timesteps():
+    assert sampling_timesteps(1000, 1000) == list(range(999, -1, -1))
+    assert sampling_timesteps(1000, 4) == [750, 500, 250, 0]
+    assert sampling_timesteps(1000, 4, "trailing") == [999, 749, 499, 249]
+    with pytest.raises(ValueError, match=r"steps: expected 1 <= steps <= 1000"):
+        sampling_timesteps(1000, 1001)
+    with pytest.raises(ValueError, match="spacing"):
+        sampling_timesteps(1000, 10, "middle")
+
+
+def test_drop_labels():
+    y = torch.arange(10000) % 7
+    same = drop_labels(y, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, y)
+    assert (drop_labels(y, 1.0, torch.Generator().manual_seed(0)) == -1).all()
+    a = drop_labels(y, 0.1, torch.Generator().manual_seed(3))
+    assert torch.equal(a, drop_labels(y, 0.1, torch.Generator().manual_seed(3)))
+    assert 0.08 < (a == -1).float().mean().item() < 0.12
+    assert torch.equal(a[a != -1], y[a != -1])  # kept labels are unchanged
+    assert (drop_labels(y, 1.0, torch.Generator(), null_label=7) == 7).all()
+    with pytest.raises(ValueError, match="p: expected a probability"):
+        drop_labels(y, 1.5, torch.Generator())
