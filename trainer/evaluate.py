@@ -214,16 +214,29 @@ def reference_from_data(
 
     rank, world = du.get_rank(), du.get_world_size()
     # One pass without flips: augmentation is not part of the data distribution FID compares with.
-    cfg = dataclasses.replace(data_cfg, hflip=False)
-    if hasattr(cfg, "image_size"):
-        cfg = dataclasses.replace(cfg, image_size=image_size)
-    loader = build_loader(cfg, batch_size=batch_per_gpu, rank=rank, world_size=world, seed=0, device="cpu")
+    cfg = dataclasses.replace(data_cfg, hflip=False, image_size=image_size)
+    exact = cfg.backend == "webdataset"
+    if exact:
+        # No DataLoader workers: this rank then reads exactly its shards of epoch 0, in order
+        # (the loader deals shard perm[rank::world] to it), so all ranks together see every
+        # image once. With workers, batches interleave and cross into epoch 1 unevenly.
+        cfg = dataclasses.replace(cfg, num_workers=0)
+    loader = build_loader(cfg, batch_size=batch_per_gpu, rank=rank, world_size=world, seed=0)
     total = int(loader.num_samples)
-    share = len(rank_block(total, rank, world))
+    if exact:
+        from data_pipeline.loader import worker_shards
+
+        counts = loader.shards.counts
+        share = sum(counts[i] for i in worker_shards(len(counts), 0, 0, rank, world, None))
+    else:
+        share = len(rank_block(total, rank, world))
     log.info("computing reference statistics of %d training images on %d ranks -> %s", total, world, cache)
     t0 = time.time()
-    batches = (b["image"] for b in loader)
-    ref = reference_from_batches(batches, extractor, device, share, meta=dict(want))
+    try:
+        batches = (b["image"] for b in loader)
+        ref = reference_from_batches(batches, extractor, device, share, meta=dict(want))
+    finally:
+        loader.close()
     ref.meta.update(
         source=str(_manifest_path(data_cfg) or data_cfg.shards),
         num_images=ref.num_images,

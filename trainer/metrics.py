@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -262,6 +261,15 @@ class ReferenceStats:
             )
 
 
+def image_hash(images: torch.Tensor) -> torch.Tensor:
+    """A deterministic 31-bit hash per uint8 (B, C, H, W) image, (B,) int64 (same on any rank)."""
+    flat = images.reshape(images.shape[0], -1).cpu().to(torch.int64)
+    g = torch.Generator().manual_seed(20200619)  # fixed: the hash must not depend on the run
+    w = torch.randint(1, 2**31 - 1, (flat.shape[1],), generator=g, dtype=torch.int64)
+    # 255 * 2^31 * (3 * 1024 * 1024) < 2^63: no overflow up to 1024px RGB.
+    return (flat * w).sum(1) % (2**31 - 1)
+
+
 def reference_from_batches(
     batches: Iterable[torch.Tensor],
     extractor: FeatureExtractor,
@@ -272,14 +280,13 @@ def reference_from_batches(
 ) -> ReferenceStats:
     """Reference statistics over this rank's uint8 (B, 3, H, W) batches, summed over all ranks.
 
-    Every rank must call this (collectives); ``max_images`` is this rank's share. At most
-    ``kid_features`` features in total are kept (spread over ranks) for KID.
+    Every rank must call this (collectives); ``max_images`` is this rank's share. For KID,
+    the ``kid_features`` images with the smallest image hashes are kept, in hash order: the
+    same subset whatever the world size or the order the ranks read the data in.
     """
-    world = du.get_world_size()
-    keep_per_rank = math.ceil(kid_features / world) if kid_features > 0 else 0
     moments: FeatureMoments | None = None
-    kept: list[torch.Tensor] = []
-    n_kept = seen = 0
+    pool_f = pool_h = None  # this rank's candidates: (<= kid_features, D) features, (n,) hashes
+    seen = 0
     for images in batches:
         if seen >= max_images:
             break
@@ -289,17 +296,28 @@ def reference_from_batches(
         if moments is None:
             moments = FeatureMoments(feats.shape[1], device=feats.device)
         moments.update(feats)
-        if n_kept < keep_per_rank:
-            kept.append(feats[: keep_per_rank - n_kept].cpu())
-            n_kept += kept[-1].shape[0]
+        if kid_features > 0:
+            f, h = feats.cpu(), image_hash(images)
+            if pool_f is not None:
+                f, h = torch.cat([pool_f, f]), torch.cat([pool_h, h])
+            keep = torch.argsort(h)[:kid_features]
+            pool_f, pool_h = f[keep], h[keep]
     if moments is None:
         raise ValueError("reference set is empty on this rank")
     moments.all_reduce()
     mu, sigma = moments.mean_cov()
     features = None
-    if keep_per_rank:
+    if kid_features > 0:
         dev = moments.sum.device
-        features = du.all_gather_tensor(torch.cat(kept).to(dev))[:kid_features].cpu().numpy()
+        # Two rounds so only kid_features rows travel: agree on the hash threshold, then send.
+        all_h = du.all_gather_tensor(pool_h.to(dev)).cpu()
+        threshold = torch.sort(all_h).values[min(kid_features, all_h.numel()) - 1]
+        mine = pool_h <= threshold
+        f = du.all_gather_tensor(pool_f[mine].to(dev)).cpu()
+        h = du.all_gather_tensor(pool_h[mine].to(dev)).cpu()
+        # Hash order makes the row order canonical too (equal hashes: identical images).
+        order = torch.argsort(h, stable=True)
+        features = f[order][:kid_features].numpy()
     return ReferenceStats(mu, sigma, moments.count, features, dict(meta or {}))
 
 

@@ -133,12 +133,13 @@ def test_pinned_validation_loss_is_split_invariant_and_moves_with_weights() -> N
 # --------------------------------------------------------------------------- standalone CLI
 
 
-def _write_checkpoint(run_dir: Path, model: torch.nn.Module) -> Path:
+def _write_checkpoint(run_dir: Path, model: torch.nn.Module, manifest: Path) -> Path:
     """A checkpoint in the trainer's layout (config dict, EMA shadows, model) for the CLI."""
     from trainer.checkpoint import CheckpointManager
     from trainer.config import fingerprint, load_config, to_dict
 
-    cfg = load_config(repo / "tests" / "configs" / "tiny.yaml", [f"run.dir={run_dir}"])
+    cfg = load_config(repo / "tests" / "configs" / "tiny.yaml",
+                      [f"run.dir={run_dir}", f"data.shards={manifest}", "data.synthetic_images=0"])
     cfg_dict = to_dict(cfg)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     state = {
@@ -148,19 +149,62 @@ def _write_checkpoint(run_dir: Path, model: torch.nn.Module) -> Path:
     return CheckpointManager(run_dir / "checkpoints", async_write=False).save(state, 64)
 
 
+def _all_shard_images(manifest: Path) -> torch.Tensor:
+    """Every image of the shards, decoded once, independently of the loader's rank logic."""
+    from data_pipeline.loader import decode_image
+    from data_pipeline.shards import image_part, iter_tar, resolve_shards
+
+    out = []
+    for url in resolve_shards(str(manifest)).urls:
+        for _key, parts in iter_tar(url, lambda *a: None):
+            ext, data = image_part(parts)
+            out.append(decode_image(data, ext))
+    return torch.stack(out)  # (N, 3, H, W) uint8
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from trainer.checkpoint import load_for_inference
+    from tests.data_helpers import make_shards
 
     d = tmp_path_factory.mktemp("run")
-    try:
-        _write_checkpoint(d, _tiny_model()[0])
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"trainer checkpoint/config not usable yet: {e}")
-    model, _, _ = load_for_inference(d)
+    manifest = make_shards(d / "shards", num_images=22, size=16, shard_size=4, fmt="png")
+    _write_checkpoint(d, _tiny_model()[0], Path(manifest))
     ref = np.random.default_rng(1).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
     np.savez(d / "ref.npz", arr_0=ref)
     return d
+
+
+def test_reference_from_training_shards_is_one_exact_pass_and_cached(run_dir) -> None:
+    from data_pipeline import DataConfig
+
+    manifest = run_dir / "shards" / "manifest.json"
+    data_cfg = DataConfig(shards=str(manifest), num_workers=2, hflip=True, shuffle_buffer=4)
+    cfg = E.EvalConfig(every_images=8, num_samples=4, steps=2, batch_per_gpu=3)
+    ext = TinyExtractor()
+    ev = E.build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext)
+    cache = run_dir / "shards" / "fid_ref_tiny-test_16.npz"
+    try:
+        assert cache.is_file() and ev.reference.num_images == 22 and ext.seen == 22
+        # Same statistics as every image decoded once (no flips, no repeats, none missed).
+        mu, sigma = M.feature_statistics(ext(_all_shard_images(manifest))["features"])
+        np.testing.assert_allclose(ev.reference.mu, mu, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ev.reference.sigma, sigma, rtol=1e-4, atol=1e-8)
+        # The second start reads the cache instead of the shards.
+        ext2 = TinyExtractor()
+        ev2 = E.build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext2)
+        assert ext2.seen == 0
+        np.testing.assert_array_equal(ev2.reference.sigma, ev.reference.sigma)
+        # A changed dataset (different manifest) invalidates the cache.
+        man = manifest.read_text()
+        manifest.write_text(man + " ")
+        try:
+            ext3 = TinyExtractor()
+            E.build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext3)
+            assert ext3.seen == 22
+        finally:
+            manifest.write_text(man)
+    finally:
+        cache.unlink(missing_ok=True)
 
 
 def _cli_args(run_dir: Path, out: Path, n: int, batch: int = 2) -> list[str]:
@@ -227,17 +271,30 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_ranks_give_the_same_images_and_metrics(run_dir, tmp_path) -> None:
+    """Samples and the training-shard reference are the same with 1 and with 2 ranks."""
+    cache = run_dir / "shards" / "fid_ref_tests.integration.test_evaluate-tiny_extractor_16.npz"
+    args = lambda out: [a for a in _cli_args(run_dir, out, 6) if a not in ("--reference", str(run_dir / "ref.npz"))]  # noqa: E731
+    cache.unlink(missing_ok=True)
     one = tmp_path / "one"
-    rep1 = E.run_standalone(E.parse_args(_cli_args(run_dir, one, 6, batch=2)))
+    rep1 = E.run_standalone(E.parse_args(args(one)))
+    ref1 = M.ReferenceStats.load(cache)
+    cache.unlink()
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "trainer.evaluate", *_cli_args(run_dir, two, 6, batch=2)]
+           str(_free_port()), "-m", "trainer.evaluate", *args(two)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ref2 = M.ReferenceStats.load(cache)
+    finally:
+        cache.unlink(missing_ok=True)
     with np.load(one / "samples_6x16x16x3.npz") as a, np.load(two / "samples_6x16x16x3.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    assert ref1.num_images == ref2.num_images == 22  # each image once, over 2 ranks too
+    np.testing.assert_allclose(ref2.mu, ref1.mu, rtol=1e-6)
+    np.testing.assert_allclose(ref2.sigma, ref1.sigma, rtol=1e-5, atol=1e-9)
     rep2 = json.loads((two / "report.json").read_text())
-    assert rep2["protocol"]["world_size"] == 2
+    assert rep2["protocol"]["world_size"] == 2 and rep1["protocol"]["world_size"] == 1
     for k in ("fid", "is", "kid"):
         assert rep2["metrics"][k] == pytest.approx(rep1["metrics"][k], rel=1e-5, abs=1e-7)

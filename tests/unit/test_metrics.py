@@ -214,3 +214,17 @@ def test_inception_offline_weights_file(tmp_path, monkeypatch) -> None:
     assert torch.isfinite(out["features"]).all()
     with pytest.raises(FileNotFoundError):
         M.build_feature_extractor("inception-v3-compat", str(tmp_path / "missing.pth"), "cpu")
+
+
+def test_kid_reference_subset_does_not_depend_on_read_order() -> None:
+    # What different world sizes do: the same images, read in another order and batching.
+    imgs = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (30, 3, 8, 8), dtype=np.uint8))
+    ext = _CountingExtractor()
+    a = M.reference_from_batches(imgs.split(7), ext, "cpu", 30, kid_features=6)
+    b = M.reference_from_batches(imgs.flip(0).split(4), ext, "cpu", 30, kid_features=6)
+    assert a.features.shape == (6, 8)
+    np.testing.assert_allclose(a.features, b.features, rtol=1e-6)
+    np.testing.assert_allclose(a.mu, b.mu, rtol=1e-6)
+    # The kept subset is the 6 smallest image hashes, in hash order.
+    order = torch.argsort(M.image_hash(imgs))[:6]
+    np.testing.assert_allclose(a.features, ext(imgs[order])["features"].numpy(), rtol=1e-6)
