@@ -49,6 +49,12 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
     _expect(config, "resnet_time_scale_shift", ("default", "scale_shift"), "default")
     _expect(config, "class_embed_type", (None,), None)
     _expect(config, "attn_norm_num_groups", (None, config.get("norm_num_groups", 32)), None)
+    if config.get("resnet_time_scale_shift") == "scale_shift" and config.get("attn_norm_num_groups") is None:
+        # diffusers then builds the mid-block attention without its GroupNorm
+        raise ValueError(
+            "diffusers config attn_norm_num_groups: expected norm_num_groups with scale_shift "
+            "(a mid-block attention without GroupNorm is not this UNet), got None"
+        )
 
     boc = [int(c) for c in config["block_out_channels"]]
     base = boc[0]
@@ -83,7 +89,8 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
             )
         if d.startswith("Attn"):
             attn_levels.append(level)
-    head_dim = config.get("attention_head_dim")
+    # a missing key means diffusers' default of 8 channels per head; null means one head
+    head_dim = config.get("attention_head_dim", 8)
     num_classes = config.get("num_class_embeds")
     cfg = UNetConfig(
         image_size=int(sample_size),
@@ -142,6 +149,7 @@ def diffusers_config_from_unet(cfg: UNetConfig) -> dict:
         "act_fn": "silu",
         "attention_head_dim": cfg.num_head_channels if cfg.num_head_channels > 0 else None,
         "norm_num_groups": cfg.norm_groups,
+        "attn_norm_num_groups": cfg.norm_groups,  # GroupNorm in every attention, mid block included
         "norm_eps": cfg.norm_eps,
         "resnet_time_scale_shift": "scale_shift" if cfg.scale_shift_norm else "default",
         "add_attention": True,
