@@ -242,16 +242,12 @@ def make_task(args: argparse.Namespace, run_dir: Path) -> TrainTask:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry (console script `ddpm-submit`); prints the job id, or the job script on --dry-run."""
+def submit(argv: Sequence[str]) -> str:
+    """Submit the job described by CLI-style argv; returns the SLURM job id ("" on --dry-run)."""
     args = build_parser().parse_args(argv)
     run_dir = resolve_run_dir(args.config, args.overrides, args.run_dir)
-    try:
-        params = job_parameters(args, run_dir)
-        task = make_task(args, run_dir)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    params = job_parameters(args, run_dir)
+    task = make_task(args, run_dir)
     folder = run_dir / "slurm"
     from submitit.slurm import slurm as submitit_slurm  # the only place submitit is used
 
@@ -266,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# run dir: {run_dir}  (per-rank logs: {folder}/<jobid>_<rank>_log.{{out,err}})")
         print(f"# each task runs: {task.entry} {shlex.join(task.argv)}")
         print(f"# TORCHINDUCTOR_CACHE_DIR={task.compile_cache or run_dir / 'inductor_cache'}")
-        return 0
+        return ""
     run_dir.mkdir(parents=True, exist_ok=True)
     executor = submitit_slurm.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
     executor.update_parameters(**params)
@@ -275,6 +271,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run dir:  {run_dir}")
     print(f"logs:     {folder}/{job.job_id}_<rank>_log.out / .err")
     print(f"watch:    tensorboard --logdir {run_dir}/tb    squeue -j {job.job_id}")
+    return str(job.job_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry (console script `ddpm-submit`): 0 when submitted (or dry-run), 2 on bad arguments."""
+    try:
+        submit(sys.argv[1:] if argv is None else argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

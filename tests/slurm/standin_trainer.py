@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 EXIT_REQUEUE = 75
-_known = {"run.dir", "train.total_images", "train.batch_size", "checkpoint.every_images", "standin.step_s"}
+_known = {"run.dir", "data.shards", "train.total_images", "train.batch_size", "checkpoint.every_images", "standin.step_s"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--config" in argv:
         i = argv.index("--config")
         del argv[i : i + 2]
-    cfg = {"train.total_images": "64", "train.batch_size": "8", "checkpoint.every_images": "16",
-           "standin.step_s": "0.2"}
+    cfg = {"train.total_images": "320", "train.batch_size": "8", "checkpoint.every_images": "16",
+           "standin.step_s": "0.5"}
     for kv in argv:
         key, _, value = kv.partition("=")
         if key not in _known:
@@ -77,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             dist.all_reduce(flag)  # any rank's signal stops every rank at this step
         if flag.item():
-            save()
+            if nimg % every:
+                save()
             if writer:
                 writer.close()
+            if world > 1:
+                dist.barrier()  # nobody exits before the checkpoint is written
+                dist.destroy_process_group()
             print(f"standin: stopped at {nimg} images", flush=True)
             return EXIT_REQUEUE
         time.sleep(float(cfg["standin.step_s"]))
