@@ -314,6 +314,7 @@ class Evaluator:
         t0 = time.time()
         rank, world = du.get_rank(), du.get_world_size()
         mine = list(rank_block(c.num_samples, rank, world))
+        same_weights_everywhere(model)
         was_training = model.training
         model.eval()
         parts: dict[str, list[torch.Tensor]] = {}
@@ -340,6 +341,33 @@ class Evaluator:
                 ", ".join(f"{k} {v:.4g}" for k, v in out.items()), self.protocol(),
             )
         return du.broadcast_object(out)
+
+
+@torch.no_grad()
+def same_weights_everywhere(model: torch.nn.Module) -> bool:
+    """Check (one tiny all-gather) that all ranks hold the same weights; else use rank 0's.
+
+    Rank 0's weights are the ones the checkpoint keeps, so every rank must sample from
+    them or image k would depend on the world size. Returns True if they already agreed.
+    """
+    if du.get_world_size() == 1:
+        return True
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    # A position-weighted checksum: cheap, and different weights practically never collide.
+    check = sum((i + 1) * t.double().sum() for i, t in enumerate(tensors)).reshape(1)
+    sums = du.all_gather_tensor(check)
+    if bool((sums == sums[0]).all()):
+        return True
+    if du.is_main():
+        log.warning(
+            "ranks hold different weights for evaluation (checksums %s); sampling from rank 0's. "
+            "The trainer should start every rank from the same EMA weights.", sums.tolist(),
+        )
+    import torch.distributed as dist  # a per-tensor broadcast, not in trainer.distributed
+
+    for t in tensors:
+        dist.broadcast(t, src=0)
+    return False
 
 
 def build_evaluator(

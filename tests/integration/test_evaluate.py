@@ -298,3 +298,34 @@ def test_two_ranks_give_the_same_images_and_metrics(run_dir, tmp_path) -> None:
     assert rep2["protocol"]["world_size"] == 2 and rep1["protocol"]["world_size"] == 1
     for k in ("fid", "is", "kid"):
         assert rep2["metrics"][k] == pytest.approx(rep1["metrics"][k], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end_in_training_and_standalone_agree(tmp_path) -> None:
+    """Train 2 ranks with FID every 160 images, then re-measure the last checkpoint offline."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, shards = tmp_path / "run", tmp_path / "shards"
+    evalopts = ["eval.num_samples=4", "eval.steps=2", "eval.batch_per_gpu=2", "eval.metrics=[fid,kid]",
+                "eval.feature_extractor=tests.integration.test_evaluate:tiny_extractor"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(repo / "trainer" / "main.py"), "--config", str(repo / "tests" / "configs" / "tiny.yaml"),
+           f"run.dir={run}", f"data.shards={shards}", "eval.every_images=160", *evalopts]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    fids = {e.step: e.value for e in acc.Scalars("eval/fid")}
+    assert sorted(fids) == [20, 40] and all(np.isfinite(v) and v > 0 for v in fids.values())
+    assert (run / "checkpoints" / "best-fid.pt").exists()
+    assert (shards / "fid_ref_tests.integration.test_evaluate-tiny_extractor_16.npz").is_file()
+    # The standalone CLI with the same protocol on the final checkpoint reproduces the number.
+    report = E.run_standalone(E.parse_args([
+        "--checkpoint", str(run / "checkpoints" / "ckpt-000000000320.pt"), "--out", str(tmp_path / "ev"),
+        "--num-samples", "4", "--sampler", "ddim", "--steps", "2", "--batch-per-gpu", "2",
+        "--feature-extractor", "tests.integration.test_evaluate:tiny_extractor", "--metrics", "fid",
+    ]))
+    assert report["protocol"]["reference"]["num_images"] == 128
+    assert report["metrics"]["fid"] == pytest.approx(fids[40], rel=1e-4)
