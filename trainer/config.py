@@ -113,7 +113,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "run directory and seed"})
     model: UNetConfig = field(default_factory=UNetConfig, metadata={"help": "the UNet"})
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata={"help": "noise schedule and target"})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "shards and loader"})
+    data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/shards"),
+                             metadata={"help": "shards and loader"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
     ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "EMA weights"})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})

@@ -204,6 +204,11 @@ class StepStats:
         return out
 
 
+def watch_paused(watch: Stopwatch) -> float:
+    """Seconds of the last interval spent outside training steps (sampling, eval, checkpoint copies)."""
+    return watch.last_totals.get("pause", 0.0)
+
+
 def memory_gb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
     if device.type == "cuda":
@@ -337,7 +342,8 @@ def train(cfg: Config, info: du.DistInfo) -> int:
             if every(cfg.log.every_images) or state.nimg >= cfg.train.total_images:
                 values = stats.reduce()
                 data_wait = watch.totals.get("data", 0.0)
-                interval_wall = watch.reset()
+                # sampling, evaluation and checkpoint copies are not training time
+                interval_wall = max(1e-9, watch.reset() - watch_paused(watch))
                 done_imgs = max(B, state.nimg - last_log_nimg)
                 last_log_nimg = state.nimg
                 loader_stats = loader.stats()
@@ -369,6 +375,7 @@ def train(cfg: Config, info: du.DistInfo) -> int:
                 stats.max_run.zero_()
 
             # --- pictures and metrics from the EMA weights (every rank takes part)
+            t_pause = time.perf_counter()
             if every(cfg.log.sample_every_images) or (state.nimg >= cfg.train.total_images and
                                                       cfg.log.sample_every_images > 0 and
                                                       state.nimg > start_nimg):
@@ -388,6 +395,7 @@ def train(cfg: Config, info: du.DistInfo) -> int:
             stop_now = stop.agreed()
             if every(cfg.checkpoint.every_images) or best or ((done or stop_now) and state.nimg > start_nimg):
                 save(best)
+            watch.add("pause", time.perf_counter() - t_pause)
             if done:
                 log.info("finished: step %d, %d images, in %.1f min", step, state.nimg,
                          (time.perf_counter() - t_start) / 60)

@@ -112,6 +112,7 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
+        self.last_totals: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
     def add(self, name: str, seconds: float) -> None:
@@ -122,5 +123,5 @@ class Stopwatch:
         """Start a new interval; return the wall time of the one that ended."""
         now = time.perf_counter()
         wall, self.t0 = now - self.t0, now
-        self.totals = {}
+        self.last_totals, self.totals = self.totals, {}
         return wall
