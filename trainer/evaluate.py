@@ -619,6 +619,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --run-dir or --checkpoint")
     if args.num_samples < 2:
         p.error("--num-samples must be >= 2")
+    bad = [m for m in args.metrics.split(",") if m not in ("fid", "is", "kid")]
+    if bad:
+        p.error(f"--metrics: unknown {bad}; choose from fid, is, kid")
     if args.sampler == "ddim" and args.steps == 0:
         args.steps = 100
     return args
@@ -665,6 +668,16 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
     if problem:
         raise SystemExit(problem)
 
+    # ---- extractor and reference first: a missing weights file or dataset fails in seconds.
+    metric_names = tuple(m for m in args.metrics.split(",") if m)
+    extractor = make_extractor(args.feature_extractor, args.weights, device)
+    if args.reference:
+        reference = load_reference(args.reference, extractor, args.feature_extractor, device)
+    else:
+        reference = reference_from_data(
+            _data_config(config), extractor, args.feature_extractor, image_size, args.batch_per_gpu, device
+        )
+
     # ---- sampling: rank 0 decides what is missing, chunks go round-robin over ranks.
     todo = None
     if du.is_main():
@@ -692,8 +705,6 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- features: every rank reads a share of the chunks; features travel, not images.
     pieces = [c for c in _complete_chunks(sample_dir) if c[0] < args.num_samples]
-    metric_names = tuple(m for m in args.metrics.split(",") if m)
-    extractor = make_extractor(args.feature_extractor, args.weights, device)
     parts: dict[str, list[torch.Tensor]] = {}
     index_parts: list[torch.Tensor] = []
     for j, (s, e, p) in enumerate(pieces):
@@ -712,14 +723,6 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
     order = torch.argsort(du.all_gather_tensor(torch.cat(index_parts)).cpu())
     features = {k: du.all_gather_tensor(torch.cat(v)).cpu()[order] for k, v in sorted(parts.items())}
 
-    ref_extractor_name = args.feature_extractor
-    if args.reference:
-        reference = load_reference(args.reference, extractor, ref_extractor_name, device)
-    else:
-        reference = reference_from_data(
-            _data_config(config), extractor, ref_extractor_name, image_size, args.batch_per_gpu, device
-        )
-
     report = None
     if du.is_main():
         n = features["features"].shape[0]
@@ -737,7 +740,9 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
                 "num_samples": n,
                 "feature_extractor": args.feature_extractor,
                 "feature_layers": {"fid": "pool_3 (2048)", "kid": "pool_3 (2048)", "is": "logits_unbiased (1008)"},
-                "inception_weights": args.weights or "torch-fidelity default (pt_inception-2015-12-05)",
+                "inception_weights": args.weights or (
+                    "torch-fidelity default (weights-inception-2015-12-05)"
+                    if args.feature_extractor == "inception-v3-compat" else "n/a"),
                 "library": library_version(),
                 "fid": "Frechet distance of Gaussian fits (torch-fidelity fid_statistics_to_metric)",
                 "is_splits": isc_splits_default,
