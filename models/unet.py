@@ -14,7 +14,9 @@ attention, scale-shift norm (Nichol & Dhariwal 2021), pooling resampling.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -399,7 +401,9 @@ class UNet(nn.Module):
             h = block(h, emb, skips)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ANN001
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
         """nn.Module.load_state_dict, with a ValueError naming the differing keys when strict."""
         if strict:
             check_state_dict(self, state_dict)
@@ -411,7 +415,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
+def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor]) -> None:
     """Raise ValueError naming missing, unexpected and mis-shaped keys of sd against model."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
