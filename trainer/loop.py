@@ -142,6 +142,59 @@ def lr_at(cfg: Config, nimg: int) -> float:
     return cfg.train.lr * min(1.0, (nimg + cfg.train.batch_size) / w) if w > 0 else cfg.train.lr
 
 
+# ----------------------------------------------------------------------------- the step
+
+
+def forward_backward(train_model: nn.Module, diffusion, batch: dict[str, torch.Tensor], cfg: Config,
+                     device: torch.device, gen: torch.Generator, amp_dtype: torch.dtype | None, *, seed: int,
+                     scale: float = 1.0, sync_grads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: uint8 -> [-1, 1] on the device, draw (t, eps), loss (eq. 14), backward.
+
+    Returns the per-sample losses (b,) and their timesteps (b,), still on the device.
+    """
+    from models.diffusion import drop_labels
+
+    x = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W) uint8, pinned by the loader
+    x0 = x.float().div_(127.5).sub_(1.0)  # [-1, 1]
+    if cfg.train.channels_last and device.type == "cuda":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    gen.manual_seed(seed)
+    torch.manual_seed(seed ^ 0x5DEECE66D)  # dropout draws
+    T = diffusion.num_timesteps
+    t = torch.randint(0, T, (x0.shape[0],), generator=gen, device=device)  # t ~ U{1..T}, 0-indexed
+    noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)  # eps ~ N(0, I)
+    y = None
+    if cfg.model.num_classes > 0:
+        y = drop_labels(batch["label"].to(device, non_blocking=True), cfg.train.label_dropout, gen)
+    # no_sync: accumulate locally, all-reduce only on the last micro-batch
+    sync_ctx = contextlib.nullcontext() if sync_grads or not hasattr(train_model, "no_sync") else train_model.no_sync()
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with sync_ctx:
+        with amp:
+            losses = diffusion.training_losses(train_model, x0, t, noise, y=y)  # (b,)
+        (losses.float().mean() * scale).backward()
+    return losses.detach(), t
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, fused: bool,
+                   grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip, then AdamW; a non-finite gradient skips the update. Returns (grad norm, found_inf) on the device."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else float("inf"), foreach=True
+    )
+    found_inf = (~torch.isfinite(grad_norm)).float()  # a non-finite loss makes the norm non-finite
+    if fused:
+        # The fused AdamW kernel skips the update (and un-counts the step) when
+        # found_inf is 1, on the device: the GradScaler protocol, without a sync.
+        optimizer.found_inf = found_inf
+        optimizer.grad_scale = None
+        optimizer.step()
+    elif not bool(found_inf.item()):  # non-fused fallback: one sync per step
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, found_inf
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -256,8 +309,9 @@ def train(cfg: Config, info: du.DistInfo) -> int:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {loader.num_classes} classes")
     if loader.image_size != cfg.model.image_size:
         raise ConfigError(f"model.image_size={cfg.model.image_size} but the shards hold {loader.image_size}px images")
-    from models.diffusion import GaussianDiffusion, drop_labels
+    from models.diffusion import GaussianDiffusion
 
+    torch.manual_seed(seed_for(cfg.run.seed, "init"))  # same initial weights on every rank and every run
     model = build_model(cfg, device)
     ema = EMA(model, cfg.ema.decays, cfg.ema.warmup)
     optimizer, fused = build_optimizer(model, cfg, device)
@@ -297,7 +351,8 @@ def train(cfg: Config, info: du.DistInfo) -> int:
     amp_dtype = resolve_precision(cfg, device)
     ema_model = build_model(cfg, device).eval().requires_grad_(False)  # holds EMA weights for sampling
     start_nimg, start_step = state.nimg, state.nimg // plan.global_batch
-    monitor = Monitor(run_dir, du.is_main(), cfg.log.tensorboard, purge_step=start_step if start_nimg else None)
+    # Events logged at the checkpoint's step belong to it; later ones (by an interrupted run) are purged.
+    monitor = Monitor(run_dir, du.is_main(), cfg.log.tensorboard, purge_step=start_step + 1 if start_nimg else None)
     evaluator = None
     if getattr(cfg.eval, "every_images", 0):
         from trainer.evaluate import build_evaluator
@@ -309,8 +364,7 @@ def train(cfg: Config, info: du.DistInfo) -> int:
     gen = torch.Generator(device=device)
     stop = du.StopRequest().install()
     data_iter = iter(loader)
-    conditional = cfg.model.num_classes > 0
-    B, T = plan.global_batch, diffusion.num_timesteps
+    B = plan.global_batch
     t_start = time.perf_counter()
     last_log_nimg = state.nimg
     log.info("training %s: %d steps of %d images (%d per GPU x %d GPUs x %d accumulation), from step %d",
@@ -415,40 +469,14 @@ def train(cfg: Config, info: du.DistInfo) -> int:
                 t0 = time.perf_counter()
                 batch = next(data_iter)
                 watch.add("data", time.perf_counter() - t0)
-                x = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W) uint8
-                x0 = x.float().div_(127.5).sub_(1.0)  # [-1, 1]
-                if cfg.train.channels_last and device.type == "cuda":
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
-                s = seed_for(cfg.run.seed, rank, state.nimg, micro)
-                gen.manual_seed(s)
-                torch.manual_seed(s ^ 0x5DEECE66D)  # dropout draws
-                t = torch.randint(0, T, (x0.shape[0],), generator=gen, device=device)  # t ~ U{1..T} (0-indexed)
-                noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)  # eps ~ N(0, I)
-                y = None
-                if conditional:
-                    y = batch["label"].to(device, non_blocking=True)
-                    y = drop_labels(y, cfg.train.label_dropout, gen)
-                sync_ctx = (train_model.no_sync() if world > 1 and micro < plan.accum_steps - 1
-                            and hasattr(train_model, "no_sync") else contextlib.nullcontext())
-                amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                       else contextlib.nullcontext())
-                with sync_ctx, amp:
-                    losses = diffusion.training_losses(train_model, x0, t, noise, y=y)  # (b,) eq. 14
-                (losses.float().mean() / plan.accum_steps).backward()
+                last = micro == plan.accum_steps - 1
+                losses, t = forward_backward(
+                    train_model, diffusion, batch, cfg, device, gen, amp_dtype,
+                    seed=seed_for(cfg.run.seed, rank, state.nimg, micro), scale=1.0 / plan.accum_steps,
+                    sync_grads=last or world == 1,
+                )
                 stats.add_losses(losses, t)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"), foreach=True
-            )
-            found_inf = (~torch.isfinite(grad_norm)).float()  # a non-finite loss makes the norm non-finite
-            if fused:
-                # The fused AdamW kernel skips the update (and un-counts the step) when
-                # found_inf is 1, on the device: the GradScaler protocol, without a sync.
-                optimizer.found_inf = found_inf
-                optimizer.grad_scale = None
-                optimizer.step()
-            elif not bool(found_inf.item()):  # non-fused fallback: one sync per step
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, found_inf = optimizer_step(model, optimizer, fused, cfg.train.grad_clip)
             stats.add_step(grad_norm, found_inf, step, cfg.train.max_nonfinite_steps)
 
             # --- EMA: one fused lerp per decay over all tensors
