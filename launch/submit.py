@@ -110,6 +110,9 @@ class TrainTask:
     def __call__(self) -> int:
         """Set up torchrun's environment from SLURM's, train, then finish, requeue or fail."""
         os.environ.update(self.extra_env)
+        # Like torchrun: one OpenMP thread per allotted CPU, not one per core of the node,
+        # or every rank's intra-op pool oversubscribes the node (set before torch loads).
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         env = slurm_env.torchrun_env(os.environ)
         os.environ.update(env)
         # Every rank and every requeue share one inductor cache, so a requeued job reuses the

@@ -28,6 +28,8 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 _standin = os.environ.get("DDPM_TEST_STANDIN") == "1"
 ENTRY = "tests.slurm.standin_trainer:main" if _standin else "trainer.main:main"
 SCRIPT = REPO / ("tests/slurm/standin_trainer.py" if _standin else "trainer/main.py")
+# The tiny config, shortened: 20 steps of 8 images, a checkpoint every 5 steps.
+SHORT = ("train.total_images=160", "checkpoint.every_images=40", "log.sample_every_images=160")
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
 
 
@@ -180,7 +182,7 @@ def _submit_tiny(run_dir: Path, *extra: str, max_requeues: int = 3) -> str:
         ["--config", str(TINY), "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
          "--time", "15", "--run-dir", str(run_dir), "--max-requeues", str(max_requeues),
          "--job-name", f"t-{run_dir.name}", "--entry", ENTRY,
-         f"data.shards={run_dir.parent / 'data'}", *extra]
+         f"data.shards={run_dir.parent / 'data'}", *SHORT, *extra]
     )
 
 
@@ -237,7 +239,7 @@ def test_sbatch_template_requeues_and_resumes(slurm: None, tmp_path: Path) -> No
     job_id = _run(
         "sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15",
         f"--output={tmp_path}/slurm-%j.out", str(REPO / "launch" / "ddpm.sbatch"),
-        "--config", str(TINY), f"run.dir={run_dir}", f"data.shards={tmp_path / 'data'}",
+        "--config", str(TINY), f"run.dir={run_dir}", f"data.shards={tmp_path / 'data'}", *SHORT,
         env=env,
     ).strip()
     wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 240, "the first checkpoint")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 EXIT_REQUEUE = 75
-_known = {"run.dir", "data.shards", "train.total_images", "train.batch_size", "checkpoint.every_images", "standin.step_s"}
+_known = {"run.dir", "data.shards", "log.sample_every_images", "train.total_images", "train.batch_size", "checkpoint.every_images", "standin.step_s"}
 
 
 def main(argv: list[str] | None = None) -> int:
