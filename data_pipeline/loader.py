@@ -119,17 +119,31 @@ class ShardStream(IterableDataset):
         logical = (wid + self.worker_offset) % self.num_workers
         return self._batches(logical)
 
+    def _new_batch(self) -> Tensor | None:
+        """(B, 3, H, W) uint8 to decode into; in a worker, one of a ring of shared-memory buffers."""
+        if self.ship_bytes:
+            return None
+        shape = (self.batch_size, 3, self.image_size, self.image_size)
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=torch.uint8)  # in-process: the consumer owns it
+        # Fresh shared memory costs page faults on every batch (~12 MB at 256px, B=64), more than
+        # the copy. A worker runs at most prefetch_factor batches ahead of what the main process
+        # has received (DataLoader sends the next index only on receipt), and the main process
+        # copies each batch out on receipt (pin_memory, or Loader's clone), so a ring of
+        # prefetch_factor + 2 buffers is never overwritten while still being read.
+        ring = self.__dict__.setdefault("_ring", [])
+        i = self.__dict__.get("_ring_next", 0)
+        self._ring_next = (i + 1) % (self.cfg.prefetch_factor + 2)
+        if i == len(ring):
+            ring.append(torch.empty(shape, dtype=torch.uint8).share_memory_())
+        return ring[i]
+
     def _batches(self, w: int) -> Iterator[dict[str, Any]]:
         g = self.rank * self.num_workers + w
         total = self.world_size * self.num_workers
         epoch, pos, offset = self.cursors[w]
         bad, seen = self.counters[w]
-        b, s = self.batch_size, self.image_size
-        images = None if self.ship_bytes else torch.empty((b, 3, s, s), dtype=torch.uint8)
-        encoded: list[Tensor] = []
-        flips = torch.zeros(b, dtype=torch.bool)
-        labels = torch.zeros(b, dtype=torch.int64)
-        n = 0
+        images, encoded, flips, labels = self._new_batch(), [], [], []
         last_bad = ""
 
         def on_error(url: str, key: str, reason: str) -> None:
@@ -144,53 +158,44 @@ class ShardStream(IterableDataset):
                 sid = order[pos]
                 url = self.urls[sid]
                 rng = random.Random(f"ddpm-scale-samples-{self.seed}-{epoch}-{sid}")
-                stream = shuffled(
-                    iter_tar(url, on_error), rng, self.cfg.shuffle_buffer, self.cfg.hflip
-                )
-                for i, (key, parts, flip) in enumerate(stream):
+                raw = iter_tar(url, on_error)
+                for i, (key, parts, flip) in enumerate(
+                    shuffled(raw, rng, self.cfg.shuffle_buffer, self.cfg.hflip)
+                ):
                     if i < offset:
                         continue  # resume: skip raw samples, never decode them
                     offset = i + 1
                     seen += 1
                     try:
-                        item = self._sample(parts, flip)
+                        img, label = self._sample(parts)
                     except Exception as e:  # any decode failure is one bad sample, never a crash
                         on_error(url, key, f"{type(e).__name__}: {e}")
-                        item = None
+                        img = None
                     if bad > self.cfg.max_bad_fraction * max(seen, self.cfg.bad_min_samples):
                         raise RuntimeError(
                             f"{bad} bad samples out of {seen} on rank {self.rank} worker {w} exceed "
                             f"data.max_bad_fraction={self.cfg.max_bad_fraction}; last: {last_bad}"
                         )
-                    if item is None:
+                    if img is None:
                         continue
-                    img, label = item
-                    if images is not None:
-                        images[n] = img
-                    else:
+                    n = len(labels)
+                    if images is None:
                         encoded.append(img)
-                    flips[n] = flip
-                    labels[n] = label
-                    n += 1
-                    if n == b:
-                        yield self._emit(
-                            images, encoded, flips, labels, w, (epoch, pos, offset), bad, seen
-                        )
-                        images = (
-                            None
-                            if self.ship_bytes
-                            else torch.empty((b, 3, s, s), dtype=torch.uint8)
-                        )
-                        encoded, flips, labels, n = (
-                            [],
-                            torch.zeros(b, dtype=torch.bool),
-                            torch.zeros(b, dtype=torch.int64),
-                            0,
-                        )
+                    elif flip:
+                        images[n].copy_(img.flip(-1))
+                    else:
+                        images[n].copy_(img)
+                    flips.append(flip)
+                    labels.append(label)
+                    if n + 1 == self.batch_size:
+                        cursor = (epoch, pos, offset)
+                        yield self._emit(images, encoded, flips, labels, w, cursor, bad, seen)
+                        images, encoded, flips, labels = self._new_batch(), [], [], []
                 pos, offset = pos + 1, 0
             epoch, pos, offset = epoch + 1, 0, 0
 
-    def _sample(self, parts: dict[str, bytes], flip: bool) -> tuple[Tensor, int]:
+    def _sample(self, parts: dict[str, bytes]) -> tuple[Tensor, int]:
+        """Decoded (3, H, W) uint8 image (or its JPEG bytes with gpu_decode) and label."""
         found = image_part(parts)
         if found is None:
             raise ValueError(f"no image member (has {sorted(parts)})")
@@ -209,15 +214,15 @@ class ShardStream(IterableDataset):
             raise ValueError(
                 f"image is {tuple(img.shape)}, expected (3, {self.image_size}, {self.image_size})"
             )
-        return (img.flip(-1) if flip else img), label
+        return img, label
 
     @staticmethod
     def _emit(images, encoded, flips, labels, w, cursor, bad, seen) -> dict[str, Any]:
-        batch: dict[str, Any] = {"label": labels}
+        batch: dict[str, Any] = {"label": torch.tensor(labels, dtype=torch.int64)}
         if images is not None:
             batch["image"] = images  # (B, 3, H, W) uint8, flips already applied
         else:
-            batch["jpeg"], batch["flip"] = encoded, flips
+            batch["jpeg"], batch["flip"] = encoded, torch.tensor(flips, dtype=torch.bool)
         batch["_meta"] = {"worker": w, "cursor": list(cursor), "bad": bad, "seen": seen}
         return batch
 
@@ -291,6 +296,10 @@ class Loader:
             self.next_worker = (w + 1) % self.num_workers
             if "jpeg" in batch:
                 batch = self._decode_on_device(batch)
+            elif self.cfg.num_workers > 0 and not self.pin:
+                # The worker reuses this shared buffer a few batches later (ShardStream._new_batch);
+                # pin_memory already copied it when pinning.
+                batch["image"] = batch["image"].clone()
             elif self.pin and self.cfg.num_workers == 0:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             yield batch

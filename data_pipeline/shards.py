@@ -140,32 +140,98 @@ def open_shard(url: str):
     return gopen(url, "rb", bufsize=1 << 20)
 
 
+def _read_exact(stream, n: int) -> bytes:
+    """Exactly n bytes (streams such as pipes may return short reads), or fewer at end of data."""
+    data = stream.read(n)
+    if data is None or len(data) == n:
+        return data or b""
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _octal(field: bytes) -> int:
+    """A tar numeric field: octal text, or base-256 when the high bit is set (GNU, > 8 GiB)."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a tar stream; a lean reader (tarfile costs ~0.1 ms/member).
+
+    Handles ustar prefixes, GNU long names and pax path records; checks every header's checksum,
+    so corruption and truncation raise tarfile.ReadError instead of yielding garbage.
+    """
+    long_name = None
+    while True:
+        header = _read_exact(stream, 512)
+        if not header:
+            return  # end of data without the zero blocks: accepted, as tarfile does
+        if len(header) < 512:
+            raise tarfile.ReadError("truncated tar header")
+        if header.count(0) == 512:
+            return  # end-of-archive marker
+        # Checksum: the sum of the header bytes with the checksum field read as spaces.
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise tarfile.ReadError("bad tar header checksum")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = _read_exact(stream, size)
+        if len(data) < size:
+            raise tarfile.ReadError(f"truncated member ({len(data)} of {size} bytes)")
+        pad = -size % 512
+        if pad and len(_read_exact(stream, pad)) < pad:
+            raise tarfile.ReadError("truncated tar padding")
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.split(b"\0", 1)[0].decode()
+            continue
+        if kind == b"x":  # pax extended header: take its path record
+            for rec in data.decode("utf-8", "replace").split("\n"):
+                if " path=" in rec:
+                    long_name = rec.split(" path=", 1)[1]
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name = None  # directories, links, global headers: no sample data
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = header[:100].split(b"\0", 1)[0].decode()
+            if header[257:262] == b"ustar":
+                prefix = header[345:500].split(b"\0", 1)[0].decode()
+                if prefix:
+                    name = f"{prefix}/{name}"
+        yield name, data
+
+
 def iter_tar(url: str, on_error) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample, streaming; a truncated/corrupt tar ends early via on_error."""
     stream = None
     key, parts = None, {}
     try:
         stream = open_shard(url)
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                name = m.name.rsplit("/", 1)[-1]
-                if name.startswith("__") or "." not in name:
-                    continue
-                k, ext = name.split(".", 1)
-                data = tar.extractfile(m).read()
-                if len(data) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} is truncated")
-                if k != key:
-                    if key is not None:
-                        yield key, parts
-                    key, parts = k, {}
-                parts[ext.lower()] = data
+        for path, data in tar_members(stream):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith("__") or "." not in name:
+                continue
+            k, ext = name.split(".", 1)
+            if k != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = k, {}
+            parts[ext.lower()] = data
         if key is not None:
             yield key, parts
             key = None
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as e:
         # The partially read group is dropped: its bytes may be incomplete.
         on_error(url, key or "<tar>", f"unreadable shard ({type(e).__name__}: {e})")
     finally:
