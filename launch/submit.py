@@ -137,8 +137,14 @@ class TrainTask:
             if rank == 0:
                 # All ranks stopped at one step before the trainer returned 75, so the
                 # checkpoint is complete; requeueing kills the (finished) step and starts over.
-                subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-                _log(f"requeued job {job_id} ({restarts + 1}/{self.max_requeues})")
+                r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                                   timeout=60)
+                if r.returncode == 0:
+                    _log(f"requeued job {job_id} ({restarts + 1}/{self.max_requeues})")
+                else:
+                    # E.g. SLURM is already requeueing a preempted job itself.
+                    _log(f"scontrol requeue {job_id} failed: {r.stderr.strip()}; "
+                         f"resume by submitting the same command")
             # SystemExit, not a return: submitit must not write a result, the job is not over.
             raise SystemExit(code)
         if code == slurm_env.EXIT_REQUEUE:
