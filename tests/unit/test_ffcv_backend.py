@@ -69,3 +69,33 @@ def test_ffcv_needs_a_beton(tmp_path: Path) -> None:
             world_size=1,
             seed=0,
         )
+
+
+def test_prepare_cli_writes_a_beton(tmp_path: Path) -> None:
+    from data_pipeline.prepare import main
+    from tests.data_helpers import make_image_folder
+
+    make_image_folder(tmp_path / "src", 8, size=20)
+    beton = tmp_path / "d.beton"
+    argv = [
+        str(tmp_path / "src"),
+        str(tmp_path / "out"),
+        "--size",
+        "16",
+        "--shard-size",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--beton",
+        str(beton),
+    ]
+    assert main(argv) == 0 and beton.exists()
+    loader = build_loader(
+        DataConfig(backend="ffcv", shards=str(beton), num_workers=1),
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
+    assert loader.num_samples == 8 and next(iter(loader))["image"].shape == (4, 3, 16, 16)
