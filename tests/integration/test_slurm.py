@@ -160,12 +160,16 @@ def wait_for(pred, timeout_s: float, what: str) -> None:  # noqa: ANN001
 
 
 def tb_steps(run_dir: Path, tag: str = "train/loss") -> list[int]:
-    """Every step logged under `tag`, across all event files of the run (duplicates kept)."""
+    """The steps TensorBoard shows under `tag` (duplicates kept).
+
+    Each event directory is read as TensorBoard reads it: all its files in order, so a resumed
+    writer's purge marker drops the steps it re-runs.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     steps: list[int] = []
-    for f in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+    for d in sorted({f.parent for f in run_dir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags()["scalars"]:
             steps += [e.step for e in acc.Scalars(tag)]
@@ -253,3 +257,18 @@ def test_sbatch_template_requeues_and_resumes(slurm: None, tmp_path: Path) -> No
     assert "resumed from" in out + all_logs(run_dir)
     steps = tb_steps(run_dir)
     assert steps and len(steps) == len(set(steps))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_requeue_cap_fails_the_job(slurm: None, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    job_id = _submit_tiny(run_dir, max_requeues=0)
+    wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 240, "the first checkpoint")
+    _run("scancel", "--signal=USR2", job_id)
+    info = wait_job(job_id, 240)
+    assert info["JobState"] == "FAILED"  # stopped cleanly, but no requeue left: not COMPLETED
+    assert int(info["Restarts"]) == 0
+    logs = all_logs(run_dir)
+    assert "already requeued 0 times" in logs
+    assert "exited with 75" in logs  # the trainer did stop at a checkpoint
