@@ -126,7 +126,8 @@ class TrainTask:
         _log(
             f"host={socket.gethostname()} rank={rank}/{env['WORLD_SIZE']} "
             f"local_rank={env['LOCAL_RANK']}/{env['LOCAL_WORLD_SIZE']} "
-            f"master={env['MASTER_ADDR']}:{env['MASTER_PORT']} job={job_id} restart={restarts}"
+            f"master={env['MASTER_ADDR']}:{env['MASTER_PORT']} job={job_id} restart={restarts} "
+            f"inductor_cache={os.environ['TORCHINDUCTOR_CACHE_DIR']}"
         )
         code = _load_entry(self.entry)(list(self.argv))
         action = decide(code, restarts, self.max_requeues)

@@ -92,7 +92,7 @@ def test_dry_run_shows_job_script(tmp_path: Path, capsys: pytest.CaptureFixture[
          "--partition", "gpu", "--account", "proj", "--qos", "high", "--time", "2-00:00:00",
          "--constraint", "h100", "--mem", "480G", "--cpus-per-task", "12", "--exclude", "bad[1-2]",
          "--job-name", "church", "--run-dir", str(tmp_path / "run"), "--signal-lead-s", "240",
-         "train.lr=2e-4"]
+         "--compile-cache", "/shared/inductor", "train.lr=2e-4"]
     )
     out = capsys.readouterr().out
     assert job_id == ""
@@ -103,6 +103,7 @@ def test_dry_run_shows_job_script(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert f"#SBATCH {line}" in out, line
     assert f"{tmp_path}/run/slurm/%j_%t_log.out" in out  # per-rank logs in the run directory
     assert f"train.lr=2e-4 run.dir={tmp_path}/run" in out
+    assert "TORCHINDUCTOR_CACHE_DIR=/shared/inductor" in out
     assert not (tmp_path / "run").exists()  # nothing submitted, nothing created
 
 
@@ -209,6 +210,8 @@ def test_preempted_job_is_requeued_and_resumes(slurm: None, tmp_path: Path) -> N
     assert info["JobState"] == "COMPLETED", logs[-3000:]
     assert int(info["Restarts"]) == 1  # requeued exactly once
     assert "requeued job" in logs and "restart=1" in logs
+    # Both runs compile into the same cache in the run directory (a requeue reuses its kernels).
+    assert logs.count(f"inductor_cache={run_dir}/inductor_cache") == 4  # 2 ranks x 2 runs
     assert "resumed from" in logs
     steps = tb_steps(run_dir)
     assert steps, "no train/loss in TensorBoard"
