@@ -267,6 +267,7 @@ class Loader:
         self.num_workers = max(1, cfg.num_workers)
         self.next_worker = 0
         self._dataloader: DataLoader | None = None
+        self._active: Iterator | None = None
         self._fingerprint = hashlib.sha256(
             "\n".join(u.rsplit("/", 1)[-1] for u in shards.urls).encode()
         ).hexdigest()[:16]
@@ -287,6 +288,7 @@ class Loader:
                 pin_memory=self.pin,
             )
             source = iter(self._dataloader)
+        self._active = source
         for batch in source:
             meta = batch.pop("_meta")
             w = meta["worker"]
@@ -417,13 +419,10 @@ class Loader:
         }
 
     def close(self) -> None:
-        """Stop the worker processes."""
-        dl, self._dataloader = self._dataloader, None
-        if dl is not None:
-            it = getattr(dl, "_iterator", None)
-            if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
-            del dl
+        """Stop the worker processes of the current iteration (a later iter() restarts them)."""
+        it, self._active, self._dataloader = self._active, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 def build_loader(

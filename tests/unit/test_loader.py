@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing as mp
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -121,7 +122,9 @@ def test_state_reports_delivered_not_prefetched(shards: Path) -> None:
     st = loader.state_dict()
     # 3 batches delivered round-robin: worker 0 gave 2 batches (4 samples), worker 1 one (2).
     assert [c[1] for c in st["counters"]] == [4, 2] and st["next_worker"] == 1
+    alive = len(mp.active_children())
     loader.close()
+    assert len(mp.active_children()) == alive - 2  # close() stops this loader's two workers
 
 
 def test_resume_with_different_world_size(shards: Path) -> None:
