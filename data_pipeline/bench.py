@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import tempfile
 import time
@@ -46,28 +47,49 @@ def make_bench_shards(out_dir: Path, num_images: int, size: int, shard_size: int
     return prepare(src, out_dir, image_size=size, shard_size=shard_size, progress=False, workers=2)
 
 
-def rate(fn: Callable[[], int], seconds: float) -> float:
-    """Items per second of repeated fn() calls (fn returns how many items it did)."""
+def rate(fn: Callable[[], int], seconds: float) -> tuple[float, float]:
+    """(items per wall second, items per CPU second) of repeated fn() calls in this process."""
     fn()  # warm-up
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         n += fn()
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
-def stream_rate(batches: Iterable, seconds: float, warmup: int = 3) -> float:
-    """Images per second from an iterator of batches, after `warmup` batches."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of processes (Linux /proc): a shared machine's fair clock."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def worker_pids(it) -> list[int]:
+    """Worker process ids of a DataLoader iterator (empty in-process)."""
+    return [w.pid for w in getattr(it, "_workers", [])]
+
+
+def stream_rate(batches: Iterable, seconds: float, warmup: int = 3) -> tuple[float, float]:
+    """(images per wall second, images per worker CPU second) after `warmup` batches."""
     it = iter(batches)
     for _ in range(warmup):  # worker start-up and first shard opens are not throughput
         next(it)
-    n, t0 = 0, time.perf_counter()
+    inner = getattr(batches, "_active", None)  # our Loader keeps its DataLoader iterator
+    if inner is None:
+        inner = it
+    pids = worker_pids(inner)
+    n, t0, c0 = 0, time.perf_counter(), cpu_seconds(pids)
     while time.perf_counter() - t0 < seconds:
         b = next(it)
         n += len(b["image"] if isinstance(b, dict) else b[0])
-    return n / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pids) - c0
+    return n / wall, (n / cpu if cpu > 0 else float("nan"))
 
 
-def ceiling(urls: list[str], seconds: float) -> dict[str, float]:
+def ceiling(urls: list[str], seconds: float) -> dict[str, tuple[float, float]]:
     """Tight-loop decode rates of the same JPEG bytes in this process (one thread)."""
     from PIL import Image
 
@@ -106,7 +128,7 @@ def recipe_loader(urls: list[str], workers: int, batch: int):
     return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
 
 
-def memory_rate(seconds: float, batch: int) -> float:
+def memory_rate(seconds: float, batch: int) -> tuple[float, float]:
     """Memory backend images/s on a 50,000 x 3 x 32 x 32 uint8 dataset (CPU)."""
     from data_pipeline.memory_backend import MemoryLoader
 
@@ -137,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     shards = resolve_shards(spec)
     med = statistics.median
     ceil = [ceiling(shards.urls, args.seconds) for _ in range(args.repeats)]
-    ceil_tv, ceil_pil = med(c["decode_jpeg"] for c in ceil), med(c["pil"] for c in ceil)
+    ceil_tv = med(c["decode_jpeg"][0] for c in ceil)
+    ceil_tv_cpu = med(c["decode_jpeg"][1] for c in ceil)
+    ceil_pil = med(c["pil"][0] for c in ceil)
 
     cfg = DataConfig(shards=spec, num_workers=args.workers, hflip=True, prefetch_factor=4)
     ours = []
@@ -150,31 +174,36 @@ def main(argv: list[str] | None = None) -> int:
         recipe.append(
             stream_rate(recipe_loader(shards.urls, args.workers, args.batch), args.seconds)
         )
-    mem = med(memory_rate(args.seconds, 128) for _ in range(args.repeats))
+    mem = med(memory_rate(args.seconds, 128)[0] for _ in range(args.repeats))
 
     w = max(1, args.workers)
-    ours_m, recipe_m = med(ours), med(recipe)
+    ours_m, recipe_m = med(r[0] for r in ours), med(r[0] for r in recipe)
+    ours_cpu, recipe_cpu = med(r[1] for r in ours), med(r[1] for r in recipe)
     size = shards.image_size or "?"
     print(
         f"shards: {len(shards.urls)} x ~{shards.num_samples // len(shards.urls)} images, {size}px"
     )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(
-        f"decode ceiling (1 process): decode_jpeg {ceil_tv:8.0f} img/s   PIL {ceil_pil:8.0f} img/s"
+        f"decode ceiling (1 process): decode_jpeg {ceil_tv:7.0f} img/s wall, {ceil_tv_cpu:7.0f} "
+        f"img per CPU-s;  PIL {ceil_pil:7.0f} img/s wall"
     )
     print(
-        f"loader   {w} workers: {ours_m:8.0f} img/s total  {ours_m / w:8.0f} per worker"
-        f"  = {ours_m / w / ceil_tv:5.0%} of the ceiling per worker"
+        f"loader   {w} workers: {ours_m:7.0f} img/s total, {ours_m / w:7.0f} per worker (wall) "
+        f"= {ours_m / w / ceil_tv:4.0%} of the ceiling; {ours_cpu:7.0f} img per worker CPU-s "
+        f"= {ours_cpu / ceil_tv_cpu:4.0%} of the ceiling's"
     )
     print(
-        f"recipe   {w} workers: {recipe_m:8.0f} img/s total  {recipe_m / w:8.0f} per worker"
-        f"  -> loader is {ours_m / recipe_m:4.1f}x the usual recipe"
+        f"recipe   {w} workers: {recipe_m:7.0f} img/s total, {recipe_m / w:7.0f} per worker (wall); "
+        f"{recipe_cpu:7.0f} img per worker CPU-s -> loader is {ours_m / recipe_m:4.1f}x (wall), "
+        f"{ours_cpu / recipe_cpu:4.1f}x (CPU) the usual recipe"
     )
     print(f"memory backend 32x32 (CPU, batch 128): {mem:8.0f} img/s")
     print(
-        "runs (img/s): loader "
-        + ", ".join(f"{x:.0f}" for x in ours)
+        "runs (img/s wall): loader "
+        + ", ".join(f"{x[0]:.0f}" for x in ours)
         + " | recipe "
-        + ", ".join(f"{x:.0f}" for x in recipe)
+        + ", ".join(f"{x[0]:.0f}" for x in recipe)
     )
     if tmp is not None:
         tmp.cleanup()

@@ -124,8 +124,12 @@ class ShardStream(IterableDataset):
         if self.ship_bytes:
             return None
         shape = (self.batch_size, 3, self.image_size, self.image_size)
+        # channels_last: libjpeg-turbo writes HWC, so decode_jpeg returns a (3, H, W) view with HWC
+        # strides; a batch in the same layout makes each copy a memcpy instead of a transpose
+        # (measured 170 -> 20 us per 256px image), and it is the layout the UNet runs in.
+        fmt = torch.channels_last
         if get_worker_info() is None:
-            return torch.empty(shape, dtype=torch.uint8)  # in-process: the consumer owns it
+            return torch.empty(shape, dtype=torch.uint8, memory_format=fmt)  # the consumer owns it
         # Fresh shared memory costs page faults on every batch (~12 MB at 256px, B=64), more than
         # the copy. A worker runs at most prefetch_factor batches ahead of what the main process
         # has received (DataLoader sends the next index only on receipt), and the main process
@@ -135,7 +139,7 @@ class ShardStream(IterableDataset):
         i = self.__dict__.get("_ring_next", 0)
         self._ring_next = (i + 1) % (self.cfg.prefetch_factor + 2)
         if i == len(ring):
-            ring.append(torch.empty(shape, dtype=torch.uint8).share_memory_())
+            ring.append(torch.empty(shape, dtype=torch.uint8, memory_format=fmt).share_memory_())
         return ring[i]
 
     def _batches(self, w: int) -> Iterator[dict[str, Any]]:
@@ -220,7 +224,7 @@ class ShardStream(IterableDataset):
     def _emit(images, encoded, flips, labels, w, cursor, bad, seen) -> dict[str, Any]:
         batch: dict[str, Any] = {"label": torch.tensor(labels, dtype=torch.int64)}
         if images is not None:
-            batch["image"] = images  # (B, 3, H, W) uint8, flips already applied
+            batch["image"] = images  # (B, 3, H, W) uint8 channels_last, flips already applied
         else:
             batch["jpeg"], batch["flip"] = encoded, torch.tensor(flips, dtype=torch.bool)
         batch["_meta"] = {"worker": w, "cursor": list(cursor), "bad": bad, "seen": seen}
@@ -228,7 +232,10 @@ class ShardStream(IterableDataset):
 
 
 class Loader:
-    """Endless, resumable iterator of {"image": uint8 (B,3,H,W), "label": int64 (B,)} for one rank."""
+    """Endless, resumable iterator of {"image": uint8 (B,3,H,W), "label": int64 (B,)} for one rank.
+
+    Images come in channels_last memory (the decoder's layout); shape and values are the usual.
+    """
 
     def __init__(
         self,
