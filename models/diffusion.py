@@ -267,6 +267,8 @@ class GaussianDiffusion:
         beta~ (fixedsmall); respaced if steps < T. ddim: eta-DDIM with eps recomputed from the
         clipped x0. steps=None means all T steps. With return_intermediates, also returns about
         intermediate_steps snapshots of x_t (x_T first, the result last) on the CPU.
+        Image k's x_T and noise are bit-identical however seeds are batched; the model's own
+        arithmetic may still round differently per batch size (backend conv/GEMM kernels, ~1e-7).
         """
         if sampler not in _SAMPLERS:
             raise ValueError(f"sampler: expected one of {list(_SAMPLERS)}, got {sampler!r}")
