@@ -385,11 +385,12 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -397,7 +398,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def fingerprint_fields(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """The flat subset of the config that must not change across a resume."""
-    flat = _flatten(cfg_dict)
+    flat = flatten(cfg_dict)
     keep = {}
     for k, v in flat.items():
         if k.split(".")[0] in FINGERPRINT_SECTIONS or k in FINGERPRINT_FIELDS:

@@ -93,13 +93,17 @@ def set_collective_timeout(seconds: int) -> None:
     """Shorten the timeout of the default group after start-up, so a dead rank ends the job."""
     if not is_initialized():
         return
-    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-    if setter is None:  # private API; older torch: keep the start-up timeout
-        log.warning("this torch cannot change the collective timeout; keeping the start-up value")
-        return
-    setter(datetime.timedelta(seconds=seconds), None)
-    if _control_group is not None and _control_group is not dist.group.WORLD:
-        setter(datetime.timedelta(seconds=seconds), _control_group)
+    public = getattr(dist, "set_timeout", None)  # torch >= 2.14
+    private = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    groups = [None] + ([_control_group] if _control_group not in (None, dist.group.WORLD) else [])
+    for g in groups:
+        if public is not None:
+            public(datetime.timedelta(seconds=seconds), group=g)
+        elif private is not None:
+            private(datetime.timedelta(seconds=seconds), g)
+        else:  # keep the start-up timeout
+            log.warning("this torch cannot change the collective timeout; keeping the start-up value")
+            return
 
 
 def destroy() -> None:

@@ -3,7 +3,7 @@
 In training, ``build_evaluator`` is called once on every rank and ``evaluator.evaluate``
 every ``eval.every_images``: each rank samples its contiguous block of the K images from
 the EMA weights with a fast sampler, extracts features, and only features travel to the
-other ranks. Image k always uses seed ``eval.seed + k`` (and label ``k % num_classes``), so
+other ranks. Image k always uses seed ``image_seed(eval.seed, k)`` (and label ``k % num_classes``), so
 it is the same picture at any world size and at every evaluation (pinned noise: the FID
 curve moves with the model, not with the noise).
 
@@ -50,6 +50,7 @@ from trainer.metrics import (
     reference_from_images,
     to_uint8,
 )
+from trainer.sample import class_labels, rank_block, sample_uint8
 
 log = logging.getLogger("ddpm")
 
@@ -81,7 +82,7 @@ class EvalConfig:
     reference: str = field(
         default="", metadata={"help": "reference stats .npz ('' = from the training shards, cached by the manifest)"}
     )
-    seed: int = field(default=0, metadata={"help": "image k of every evaluation uses seed + k"})
+    seed: int = field(default=0, metadata={"help": "base seed: image k of every evaluation has its own noise from (seed, k)"})
 
     def validate(self) -> None:
         """Raise ValueError on an invalid field."""
@@ -101,20 +102,6 @@ class EvalConfig:
 # --------------------------------------------------------------------------- sampling
 
 
-def rank_block(n: int, rank: int, world: int) -> range:
-    """This rank's contiguous share of indices 0..n-1 (sizes differ by at most one)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
-
-
-def _labels(indices: list[int], num_classes: int, device: torch.device) -> torch.Tensor | None:
-    # Balanced, world-size independent labels: image k is class k % num_classes.
-    if num_classes <= 0:
-        return None
-    return torch.tensor([k % num_classes for k in indices], dtype=torch.long, device=device)
-
-
 @torch.no_grad()
 def sample_images(
     model: torch.nn.Module,
@@ -130,20 +117,12 @@ def sample_images(
     channels: int = 3,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """uint8 (len(indices), C, H, W) images; image k depends only on (seed + k, label k)."""
-    device = torch.device(device)
-    x = diffusion.sample(
-        model,
-        shape=(channels, image_size, image_size),
-        seeds=[seed + k for k in indices],
-        sampler=sampler,
-        steps=steps or None,
-        eta=eta,
-        y=_labels(indices, num_classes, device),
-        device=device,
-        progress=False,
-    )  # (B, C, H, W) in [-1, 1]
-    return to_uint8(x)
+    """uint8 (len(indices), C, H, W); image k depends only on (image_seed(seed, k), label k % classes)."""
+    return sample_uint8(
+        model, diffusion, indices, image_shape=(channels, image_size, image_size), seed=seed,
+        batch_size=max(1, len(indices)), sampler=sampler, steps=steps or None, eta=eta,
+        labels=class_labels(indices, num_classes), device=device,
+    )
 
 
 # --------------------------------------------------------------------------- reference
@@ -611,7 +590,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default="", help="offline Inception weights file ('' = library download)")
     p.add_argument("--feature-extractor", default="inception-v3-compat", help="extractor name or package.module:factory")
     p.add_argument("--metrics", default="fid,is", help="comma-separated: fid,is,kid")
-    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    p.add_argument("--seed", type=int, default=0, help="base seed: image k's noise derives from (seed, k)")
     p.add_argument("--ema-index", type=int, default=0, help="which EMA decay's weights (index into ema.decays)")
     p.add_argument("--no-npz", action="store_true", help="skip writing the assembled ADM .npz")
     args = p.parse_args(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -28,13 +29,14 @@ from trainer.config import (
     ConfigError,
     fingerprint,
     fingerprint_diff,
+    flatten,
     plan_batches,
     to_dict,
     to_yaml,
 )
 from trainer.ema import EMA
 from trainer.monitor import Monitor, Stopwatch
-from trainer.sample import make_grid, rank_indices, sample_uint8, save_png
+from trainer.sample import class_labels, image_seed, make_grid, rank_block, sample_uint8, save_png
 
 log = logging.getLogger("ddpm")
 
@@ -113,7 +115,6 @@ def parallelize(model: nn.Module, cfg: Config, info: du.DistInfo) -> nn.Module:
         wrapped = DDP(
             model,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            broadcast_buffers=False,  # GroupNorm has no running buffers to keep in sync
             gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: saves one copy of 114M grads
             static_graph=True,  # the UNet's graph never changes: lets DDP overlap and skip unused-param search
             bucket_cap_mb=25,
@@ -359,6 +360,8 @@ def train(cfg: Config, info: du.DistInfo) -> int:
 
         evaluator = build_evaluator(cfg.eval, data_cfg=cfg.data, image_size=cfg.model.image_size,
                                     num_classes=cfg.model.num_classes, device=device)
+        if evaluator is not None:
+            monitor.text("eval/protocol", "```\n" + json.dumps(evaluator.protocol(), indent=2) + "\n```", start_step)
     stats = StepStats(device, diffusion.num_timesteps)
     watch = Stopwatch()
     gen = torch.Generator(device=device)
@@ -490,20 +493,10 @@ def train(cfg: Config, info: du.DistInfo) -> int:
         ckpt.wait()
         monitor.flush()
         if evaluator is not None and state.best_fid < float("inf"):
-            monitor.hparams({k: v for k, v in _flat(cfg_dict).items()}, {"hparam/best_fid": state.best_fid})
+            monitor.hparams(flatten(cfg_dict), {"hparam/best_fid": state.best_fid})
         monitor.close()
         loader.close()
     return exit_code
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @torch.no_grad()
@@ -511,9 +504,9 @@ def sample_grid(cfg: Config, diffusion, ema_model: nn.Module, monitor: Monitor, 
                 nimg: int, device: torch.device) -> None:
     """A fixed-noise grid from the EMA weights, split over ranks, saved as PNG and to TensorBoard."""
     n = cfg.log.sample_count
-    mine = rank_indices(n, du.get_rank(), du.get_world_size())
+    mine = list(rank_block(n, du.get_rank(), du.get_world_size()))
     m = cfg.model
-    labels = torch.arange(n) % m.num_classes if m.num_classes else None
+    labels = class_labels(mine, m.num_classes)
     imgs = sample_uint8(ema_model, diffusion, mine, image_shape=(m.in_channels, m.image_size, m.image_size),
                         seed=cfg.run.seed, batch_size=max(1, cfg.train.batch_size // du.get_world_size()),
                         sampler=cfg.log.sample_sampler, steps=cfg.log.sample_steps, labels=labels, device=device)
@@ -525,6 +518,16 @@ def sample_grid(cfg: Config, diffusion, ema_model: nn.Module, monitor: Monitor, 
         out.mkdir(parents=True, exist_ok=True)
         save_png(grid, out / f"grid-{nimg:012d}.png")
         monitor.image("samples/ema_grid", grid, step)
+        # The paper's figure: x_t from noise to image for a few fixed seeds (rank 0; small).
+        from trainer.evaluate import denoising_strip
+
+        k = min(4, n)
+        strip_labels = class_labels(range(k), m.num_classes)
+        strip = denoising_strip(diffusion, ema_model, [image_seed(cfg.run.seed, i) for i in range(k)], m.image_size,
+                                sampler=cfg.log.sample_sampler, steps=cfg.log.sample_steps,
+                                y=strip_labels.to(device) if strip_labels is not None else None, device=device)
+        save_png(strip, out / f"denoise-{nimg:012d}.png")
+        monitor.image("samples/denoising", strip, step)
         log.info("sample grid written: %s", out / f"grid-{nimg:012d}.png")
 
 

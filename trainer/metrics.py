@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from trainer import distributed as du
+from trainer.sample import to_uint8  # noqa: F401 - re-exported for callers of this module
 
 FeatureExtractor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 ExtractorFactory = Callable[[str, torch.device], FeatureExtractor]
@@ -102,11 +103,6 @@ def extract_features(
     with torch.autocast(device_type=images.device.type, enabled=False):
         out = extractor(images)
     return {k: v.float() for k, v in out.items()}
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Map [-1, 1] float images to uint8 [0, 255] (the trainer's convention)."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- metrics

@@ -74,6 +74,11 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_image(tag, image_uint8, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Log markdown text (e.g. the evaluation protocol)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """The run's hyperparameters with its final metrics (TensorBoard HPARAMS tab)."""
         if self.writer is not None:

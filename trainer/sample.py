@@ -31,13 +31,22 @@ def image_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def rank_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """Image indices handled by ``rank``: a strided split, so every rank gets nearly the same count."""
-    return list(range(rank, n, world_size))
+def rank_block(n: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of indices 0..n-1 (sizes differ by at most one)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def class_labels(indices: Sequence[int], num_classes: int) -> torch.Tensor | None:
+    """Balanced, world-size independent labels for class-conditional sampling: image k is class k % C."""
+    if num_classes <= 0:
+        return None
+    return torch.tensor([k % num_classes for k in indices], dtype=torch.long)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images to uint8 (the usual DDPM quantisation)."""
+    """Map [-1, 1] float images to uint8 [0, 255] (the usual DDPM quantisation)."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -46,16 +55,20 @@ def sample_uint8(model: nn.Module, diffusion, indices: Sequence[int], *, image_s
                  seed: int, batch_size: int, sampler: str = "ddpm", steps: int | None = None,
                  eta: float = 0.0, guidance_scale: float = 1.0, labels: torch.Tensor | None = None,
                  device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-    """Sample the images with the given global indices; returns uint8 (N, C, H, W) on the CPU."""
+    """Sample the images with the given global indices; returns uint8 (N, C, H, W) on the CPU.
+
+    ``labels`` (N,) are aligned with ``indices``; image k depends only on (seed, k, its label).
+    """
     out = []
-    batches = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
+    indices = list(indices)
+    batches = [(i, indices[i: i + batch_size]) for i in range(0, len(indices), batch_size)]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(indices), desc="sampling", unit="img", dynamic_ncols=True)
-    for b in batches:
-        y = labels[list(b)].to(device) if labels is not None else None
+    for start, b in batches:
+        y = labels[start: start + len(b)].to(device) if labels is not None else None
         x = diffusion.sample(
             model, image_shape, [image_seed(seed, k) for k in b], sampler=sampler, steps=steps,
             eta=eta, guidance_scale=guidance_scale, y=y, device=device,
@@ -98,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-per-gpu", type=int, default=64)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--label", type=int, default=None, help="class label for conditional models")
+    p.add_argument("--label", type=int, default=None,
+                   help="class label for conditional models (default: image k gets class k %% num_classes)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     args = p.parse_args(argv)
 
@@ -116,11 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent.parent
     out = Path(args.out) if args.out else run_dir / "samples" / f"{args.sampler}-{steps or 'T'}-seed{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    labels = None
-    if m.get("num_classes", 0):
-        lab = args.label if args.label is not None else 0
-        labels = torch.full((args.num,), lab, dtype=torch.long)
-    mine = rank_indices(args.num, info.rank, info.world_size)
+    mine = list(rank_block(args.num, info.rank, info.world_size))
+    labels = class_labels(mine, m.get("num_classes", 0))
+    if labels is not None and args.label is not None:
+        labels.fill_(args.label)
     imgs = sample_uint8(model, diffusion, mine, image_shape=shape, seed=args.seed, batch_size=args.batch_per_gpu,
                         sampler=args.sampler, steps=steps, eta=args.eta, guidance_scale=args.guidance,
                         labels=labels, device=info.device, progress=du.is_main())

@@ -78,7 +78,7 @@ def test_denoising_strip_shape_and_endpoints() -> None:
     assert strip.dtype == torch.uint8
     assert strip.shape == (3, 2 + 2 * (16 + 2), 2 + 4 * (16 + 2))  # 2 rows, 4 columns
     # The last column is the finished sample: the same image sample() returns.
-    final = E.sample_images(model, diffusion, [0], seed=2, image_size=16, sampler="ddim", steps=6)[0]
+    final = E.to_uint8(diffusion.sample(model, (3, 16, 16), [2], sampler="ddim", steps=6))[0]
     assert torch.equal(strip[:, 20:36, 56:72], final)
 
 
