@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"standin: resumed from {ckpts / name} at {nimg} images", flush=True)
     if nimg >= total:
         return 0
-    writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
+    # Like the trainer: on resume, drop events logged after the checkpoint (they are re-run).
+    purge = nimg + 1 if nimg else None
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge) if rank == 0 else None
 
     def save() -> None:
         if rank == 0:
