@@ -58,6 +58,14 @@ def parse_time_min(text: str) -> int:
     return -(-total_s // 60)
 
 
+def config_path(config: str) -> str:
+    """A config file as an absolute path (jobs may start elsewhere); preset names map to configs/."""
+    for candidate in (Path(config), _REPO_ROOT / "configs" / f"{config}.yaml"):
+        if candidate.is_file():
+            return str(candidate.absolute())
+    return config  # left to the trainer, which fails the job once with a config error
+
+
 def resolve_run_dir(config: str | None, overrides: Sequence[str], run_dir: str | None) -> Path:
     """The run directory the trainer will use: --run-dir > run.dir= > config file > runs/<run.name>."""
     values = dict(o.split("=", 1) for o in overrides if "=" in o)
@@ -66,8 +74,8 @@ def resolve_run_dir(config: str | None, overrides: Sequence[str], run_dir: str |
     if values.get("run.dir"):
         return Path(values["run.dir"]).absolute()
     cfg: dict[str, Any] = {}
-    if config:
-        with open(config) as f:
+    if config and Path(config_path(config)).is_file():
+        with open(config_path(config)) as f:
             cfg = yaml.safe_load(f) or {}
     run = cfg.get("run") or {}
     if run.get("dir"):
@@ -238,7 +246,7 @@ def job_parameters(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
 def make_task(args: argparse.Namespace, run_dir: Path) -> TrainTask:
     """The per-task callable: trainer argv with the run directory pinned."""
-    argv = (["--config", str(Path(args.config).absolute())] if args.config else []) + [
+    argv = (["--config", config_path(args.config)] if args.config else []) + [
         o for o in args.overrides if not o.startswith("run.dir=")
     ]
     argv.append(f"run.dir={run_dir}")
@@ -263,8 +271,7 @@ def submit(argv: Sequence[str]) -> str:
 
     if args.dry_run:
         command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-        sbatch_params = {k: v for k, v in params.items()}
-        print(submitit_slurm._make_sbatch_string(command=command, folder=folder, **sbatch_params))
+        print(submitit_slurm._make_sbatch_string(command=command, folder=folder, **params))
         n = args.nodes * params["ntasks_per_node"]
         print(f"# resources: {args.nodes} node(s) x {params['ntasks_per_node']} task(s) = {n} rank(s), "
               f"{args.gpus_per_node} GPU(s)/node, time {params['time']} min per run, "

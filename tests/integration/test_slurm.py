@@ -14,12 +14,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from launch import slurm_env
-from launch.submit import decide, parse_time_min, resolve_run_dir, submit
+from launch.submit import config_path, decide, parse_time_min, resolve_run_dir, submit
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -84,6 +85,9 @@ def test_time_parsing_and_exit_code_decision(tmp_path: Path) -> None:
     assert decide(1, restarts=0, max_requeues=3) == "fail"
     assert resolve_run_dir(str(TINY), [], None) == Path("runs/tiny").absolute()
     assert resolve_run_dir(str(TINY), [f"run.dir={tmp_path}"], None) == tmp_path
+    # A preset name resolves like the trainer's --config (configs/<name>.yaml).
+    assert resolve_run_dir("celebahq_256", ["run.name=x"], None) == Path("runs/x").absolute()
+    assert config_path("celebahq_256") == str(REPO / "configs" / "celebahq_256.yaml")
 
 
 def test_dry_run_shows_job_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,7 +140,7 @@ _submitted: list[str] = []
 
 
 @pytest.fixture(autouse=True)
-def _cancel_leftover_jobs():  # noqa: ANN202
+def _cancel_leftover_jobs() -> Iterator[None]:
     """A failing test must not leave its job running (scancel of a finished job is a no-op)."""
     yield
     while _submitted:
@@ -173,7 +177,7 @@ def wait_job(job_id: str, timeout_s: float, until: tuple[str, ...] = FINAL) -> d
     pytest.fail(f"job {job_id} still {job_info(job_id)['JobState']} after {timeout_s}s")
 
 
-def wait_for(pred, timeout_s: float, what: str) -> None:  # noqa: ANN001
+def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.time() + timeout_s
     while not pred():
         if time.time() > deadline:
