@@ -276,13 +276,18 @@ def gather_loader_states(loader) -> list[Any]:
 
 
 def restore_loader(loader, states: list[Any], rank: int, world_size: int) -> None:
-    """Give the loader its cursor back; with another world size it receives all of them."""
+    """Give the loader its cursor back: exact with the same world size and workers, else resharded."""
     if len(states) == world_size:
-        loader.load_state_dict(states[rank])
+        try:
+            loader.load_state_dict(states[rank])
+            return
+        except ValueError as e:  # e.g. data.num_workers changed: the loader asks for the reshard form
+            reason = str(e)
     else:
-        log.warning("world size changed from %d to %d: the loader resumes with its weaker guarantee",
-                    len(states), world_size)
-        loader.load_state_dict({"resharded_from": states})
+        reason = f"world size changed from {len(states)} to {world_size}"
+    log.warning("%s: the data loader resumes in the same epoch without repeating finished shards "
+                "(the weaker guarantee; see data_pipeline/loader.py)", reason)
+    loader.load_state_dict({"resharded_from": states})
 
 
 # ----------------------------------------------------------------------------- the loop

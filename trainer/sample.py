@@ -3,7 +3,7 @@
 Image k's noise comes from its own seed (``image_seed(seed, k)``), so the set of
 images is the same at any world size and batch size.
 
-    torchrun --nproc_per_node=8 -m trainer.sample --run-dir runs/celebahq_256 --num 1000 --sampler ddim --steps 100
+    torchrun --nproc_per_node=8 -m trainer.sample --run-dir runs/celebahq_256 --num-samples 1000 --sampler ddim --steps 100
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Sample images from a ddpm-scale run (EMA weights by default).")
     p.add_argument("--run-dir", required=True, help="run directory or checkpoint file")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples/<sampler>-<steps>-seed<seed>)")
-    p.add_argument("--num", type=int, default=64, help="number of images")
+    p.add_argument("--num-samples", type=int, default=64, help="number of images")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: T for ddpm, 50 for ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent.parent
     out = Path(args.out) if args.out else run_dir / "samples" / f"{args.sampler}-{steps or 'T'}-seed{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    mine = list(rank_block(args.num, info.rank, info.world_size))
+    mine = list(rank_block(args.num_samples, info.rank, info.world_size))
     labels = class_labels(mine, m.get("num_classes", 0))
     if labels is not None and args.label is not None:
         labels.fill_(args.label)

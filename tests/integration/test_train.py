@@ -98,6 +98,21 @@ def test_two_process_run_leaves_checkpoints_tensorboard_and_samples(tmp_path: Pa
     # running it again after it finished says so and exits 0
     again = train(run, data_dir, nproc=2)
     assert "already finished" in again.stdout
+    # the sampling CLI: same images with 1 and 2 ranks (up to kernel rounding at other batch sizes)
+    import numpy as np
+
+    outs = []
+    for nproc in (1, 2):
+        out = tmp_path / f"samples{nproc}"
+        launch = _cmd(nproc)[:-1]  # python, or python -m torch.distributed.run ...
+        proc = subprocess.run(launch + ["-m", "trainer.sample", "--run-dir", str(run), "--num-samples", "5", "--sampler", "ddim", "--steps", "4",
+                                      "--out", str(out)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(list(out.glob("0*.png"))) == 5 and (out / "grid.png").is_file()
+        outs.append(np.load(out / "samples.npz")["arr_0"])
+    assert outs[0].shape == (5, 16, 16, 3) and outs[0].dtype == np.uint8
+    assert np.abs(outs[0].astype(int) - outs[1].astype(int)).max() <= 2
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
