@@ -232,3 +232,13 @@ def test_bad_override_is_a_config_error(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "did you mean 'train.batch_size'" in proc.stderr
+
+
+def test_resume_on_another_world_size_and_worker_count(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "run"
+    train(run, data_dir, "train.total_images=160", "log.sample_every_images=0")
+    proc = train(run, data_dir, "train.total_images=240", "log.sample_every_images=0", "data.num_workers=2",
+                 nproc=2)
+    out = proc.stdout + proc.stderr
+    assert "resumed from" in out and "weaker guarantee" in out and "finished" in out
+    assert ckpt_files(run)[-1].name == "ckpt-000000000240.pt"
