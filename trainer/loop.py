@@ -463,7 +463,8 @@ def train(cfg: Config, info: du.DistInfo) -> int:
                          (time.perf_counter() - t_start) / 60)
                 break
             if stop_now:
-                log.info("stopped by signal at step %d; checkpoint written, exit code %d", step, EXIT_REQUEUE)
+                log.info("stopped by signal at step %d; checkpoint written, exit code %d. Run the same command "
+                         "again to resume.", step, EXIT_REQUEUE)
                 exit_code = EXIT_REQUEUE
                 break
             if step - start_step == cfg.dist.warmup_steps:
