@@ -112,3 +112,14 @@ def torchrun_env(environ: Mapping[str, str]) -> dict[str, str]:
         "MASTER_ADDR": addr,
         "MASTER_PORT": str(master_port(job_id, restart_count(environ))),
     }
+
+
+def job_state(job_id: str) -> str:
+    """SLURM's JobState of a job ("RUNNING", "CANCELLED", ...), or "" when scontrol cannot tell."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (subprocess.SubprocessError, OSError):
+        return ""
+    m = re.search(r"\bJobState=(\S+)", out)
+    return m.group(1) if m else ""

@@ -143,7 +143,12 @@ class TrainTask:
         if action == "done":
             return code
         if action == "requeue":
-            if rank == 0:
+            state = slurm_env.job_state(job_id) if rank == 0 else ""
+            if state == "CANCELLED":
+                # `scancel` also sends SIGTERM; the checkpoint is written, but a cancelled job
+                # stays cancelled (SLURM would let us requeue it).
+                _log(f"job {job_id} was cancelled: stopped at a checkpoint, not requeued")
+            elif rank == 0:
                 # All ranks stopped at one step before the trainer returned 75, so the
                 # checkpoint is complete; requeueing kills the (finished) step and starts over.
                 r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,

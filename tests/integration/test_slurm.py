@@ -342,3 +342,23 @@ def test_time_limit_warning_stops_and_requeues(slurm: None, tmp_path: Path) -> N
     assert "exited with 75 -> requeue" in logs
     assert_resumed_where_stopped(logs)
     assert took < 150  # stopped by the warning, well before the 3-minute limit
+
+
+@pytest.mark.slurm
+def test_scancel_stops_with_a_checkpoint_and_stays_cancelled(slurm: None, tmp_path: Path) -> None:
+    # scancel sends SIGTERM like a preemption; the launcher must not turn it into a requeue.
+    run_dir = tmp_path / "run"
+    job_id = _submit_tiny(run_dir, "train.total_images=16000")
+    wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 240, "the first checkpoint")
+    _run("scancel", job_id)
+    # Until the tasks are gone (a clean stop, a failure, or SIGKILL after KillWait).
+    wait_for(lambda: _run("squeue", "-h", "-j", job_id, check=False).strip() == "", 90,
+             "the cancelled job to end")
+    time.sleep(3)  # a requeue would show up as PENDING with Restarts=1
+    info = job_info(job_id)
+    assert info["JobState"] == "CANCELLED" and int(info["Restarts"]) == 0
+    logs = all_logs(run_dir)
+    # SIGTERM also reaches the data-loader workers, and the trainer sometimes fails on a killed
+    # worker (exit 1) instead of stopping cleanly (75); either way the job must stay cancelled.
+    if "rank=0 trainer exited with 75" in logs:
+        assert "was cancelled: stopped at a checkpoint, not requeued" in logs
