@@ -24,8 +24,7 @@ setup(
         "pillow>=10.0",
         "numpy>=1.26",
         "tqdm>=4.66",
-        "torch-fidelity>=0.3",
-        "scipy>=1.11",
+        "torch-fidelity>=0.4,<0.5",  # FID/IS/KID with the standard TF-Inception features
     ],
     extras_require={
         "lsun": ["lmdb>=1.4"],
