@@ -74,7 +74,8 @@ rm -f "$tmp"
 
 # 4. Daemons (each daemonizes and writes its pid file into $state).
 if ! pgrep -x slurmctld >/dev/null; then
-    as_root /usr/sbin/slurmctld -i
+    # -c: a fresh queue; jobs left by an interrupted test run must not start with the next one.
+    as_root /usr/sbin/slurmctld -c -i
     echo "slurmctld" | as_root tee -a "$started" >/dev/null
     log "slurmctld started"
 fi
