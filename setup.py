@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["trainer*", "models*", "data_pipeline*", "launch*", "configs*"]),
-    package_data={"configs": ["*.yaml"], "launch": ["*.sbatch", "*.md"]},
+    package_data={"configs": ["*.yaml"], "launch": ["*.sbatch"]},
     install_requires=[
         "torch>=2.11,<2.15",
         "torchvision>=0.26",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import signal
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -231,6 +232,17 @@ class ShardStream(IterableDataset):
         return batch
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave stop signals to the trainer's main process.
+
+    SLURM preemption and scancel send SIGTERM (and torchrun forwards SIGINT) to every
+    process of the step; a worker killed by it would turn a clean stop into a crash.
+    Workers still exit when the main process goes away (DataLoader's watchdog).
+    """
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class Loader:
     """Endless, resumable iterator of {"image": uint8 (B,3,H,W), "label": int64 (B,)} for one rank.
 
@@ -293,6 +305,7 @@ class Loader:
                 num_workers=self.cfg.num_workers,
                 prefetch_factor=self.cfg.prefetch_factor,
                 pin_memory=self.pin,
+                worker_init_fn=_ignore_stop_signals,
             )
             source = iter(self._dataloader)
         self._active = source

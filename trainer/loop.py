@@ -491,12 +491,16 @@ def train(cfg: Config, info: du.DistInfo) -> int:
             # --- EMA: one fused lerp per decay over all tensors
             ema.update(model)
             state.nimg += B
+        # The final checkpoint is complete before any rank exits: under torchrun the first
+        # rank to exit makes the agent SIGTERM the others, which must not cut rank 0's write.
+        ckpt.wait()
+        du.barrier()
     except NonFiniteLossError as e:
         log.error("%s", e)
         exit_code = EXIT_ERROR
     finally:
-        stop.uninstall()
         ckpt.wait()
+        stop.uninstall()
         monitor.flush()
         if evaluator is not None and state.best_fid < float("inf"):
             monitor.hparams(flatten(cfg_dict), {"hparam/best_fid": state.best_fid})
