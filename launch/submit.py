@@ -100,6 +100,13 @@ def _load_entry(spec: str) -> Callable[[list[str]], int]:
     return getattr(importlib.import_module(module), fn or "main")
 
 
+def _stop_signal(spec: str) -> str | None:
+    """The signal behind the trainer's last stop, if its module reports it (``stop_signal()``)."""
+    module = importlib.import_module(spec.partition(":")[0])
+    report = getattr(module, "stop_signal", None)
+    return report() if callable(report) else None
+
+
 def _log(msg: str) -> None:
     print(f"[launch] {msg}", flush=True)
 
@@ -143,11 +150,15 @@ class TrainTask:
         if action == "done":
             return code
         if action == "requeue":
+            # The trainer says which signal all ranks agreed on: USR2/USR1 is the time-limit
+            # warning (requeue); SIGTERM/SIGINT is scancel or a preemption, and the job state
+            # may not say CANCELLED yet, so the signal decides (SLURM requeues preempted jobs
+            # itself with PreemptMode=REQUEUE).
+            sig = _stop_signal(self.entry)
             state = slurm_env.job_state(job_id) if rank == 0 else ""
-            if state == "CANCELLED":
-                # `scancel` also sends SIGTERM; the checkpoint is written, but a cancelled job
-                # stays cancelled (SLURM would let us requeue it).
-                _log(f"job {job_id} was cancelled: stopped at a checkpoint, not requeued")
+            if state.startswith("CANCELLED") or sig in ("SIGTERM", "SIGINT"):
+                _log(f"job {job_id} was cancelled: stopped at a checkpoint, not requeued "
+                     f"(signal {sig or '?'}, state {state or '?'}); resume by submitting the same command")
             elif rank == 0:
                 # All ranks stopped at one step before the trainer returned 75, so the
                 # checkpoint is complete; requeueing kills the (finished) step and starts over.

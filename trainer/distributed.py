@@ -200,6 +200,10 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C aborts at once
         self.received = signum
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank has received a stop signal (one collective)."""
-        return bool(all_reduce_max_int(1 if self.received is not None else 0))
+    def agreed(self) -> int:
+        """0, or on every rank the same received signal number once any rank got one (one collective).
+
+        MAX picks SIGTERM (15) over SIGUSR2 (12), SIGUSR1 (10) and SIGINT (2): a cancel or
+        preemption wins over a time-limit warning that arrived at the same time.
+        """
+        return all_reduce_max_int(int(self.received) if self.received is not None else 0)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,6 +45,11 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_REQUEUE = 75  # stopped by a signal after writing a checkpoint: "resume me" (EX_TEMPFAIL)
+
+# Name of the signal behind the last EXIT_REQUEUE ("SIGUSR2", "SIGTERM", ...), agreed by all
+# ranks; launchers that run the trainer in-process read it (SLURM: USR2 is the time-limit
+# warning, so requeue; SIGTERM is scancel or preemption, so do not).
+last_stop_signal: str | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -295,6 +301,8 @@ def restore_loader(loader, states: list[Any], rank: int, world_size: int) -> Non
 
 def train(cfg: Config, info: du.DistInfo) -> int:
     """Run (or resume) training in ``cfg.run_dir``; returns a process exit code."""
+    global last_stop_signal
+    last_stop_signal = None
     plan = plan_batches(cfg, info.world_size)
     run_dir = cfg.run_dir
     rank, world, device = info.rank, info.world_size, info.device
@@ -463,8 +471,9 @@ def train(cfg: Config, info: du.DistInfo) -> int:
                          (time.perf_counter() - t_start) / 60)
                 break
             if stop_now:
-                log.info("stopped by signal at step %d; checkpoint written, exit code %d. Run the same command "
-                         "again to resume.", step, EXIT_REQUEUE)
+                last_stop_signal = signal.Signals(stop_now).name
+                log.info("stopped by %s at step %d; checkpoint written, exit code %d. Run the same command "
+                         "again to resume.", last_stop_signal, step, EXIT_REQUEUE)
                 exit_code = EXIT_REQUEUE
                 break
             if step - start_step == cfg.dist.warmup_steps:

@@ -23,11 +23,18 @@ if __package__ in (None, ""):  # run as a script (torchrun trainer/main.py): mak
 
 from trainer.loop import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE  # noqa: E402
 
-__all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_CONFIG", "EXIT_REQUEUE"]
+__all__ = ["main", "stop_signal", "EXIT_OK", "EXIT_ERROR", "EXIT_CONFIG", "EXIT_REQUEUE"]
 
 log = logging.getLogger("ddpm")
 
 DEFAULT_CONFIG = "quickstart"
+
+
+def stop_signal() -> str | None:
+    """Name of the signal behind the last exit with EXIT_REQUEUE in this process (for launchers)."""
+    from trainer import loop
+
+    return loop.last_stop_signal
 
 
 def find_config(name_or_path: str) -> Path:

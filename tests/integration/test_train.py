@@ -158,7 +158,7 @@ def test_stop_signal_on_one_rank_stops_both_at_the_same_step(tmp_path: Path, dat
             os.killpg(proc.pid, signal.SIGKILL)
     logs = [(run / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
     assert "received SIGUSR1" in logs[1]
-    stopped = [line for line in logs[0].splitlines() if "stopped by signal at step" in line]
+    stopped = [line for line in logs[0].splitlines() if "stopped by SIGUSR1 at step" in line]
     assert stopped, out[-3000:]
     step = int(stopped[-1].split("at step ")[1].split(";")[0])
     assert ckpt_files(run)[-1].name == f"ckpt-{step * 8:012d}.pt"

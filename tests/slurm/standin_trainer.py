@@ -16,6 +16,12 @@ import time
 from pathlib import Path
 
 EXIT_REQUEUE = 75
+_last = {"signal": None}
+
+
+def stop_signal() -> str | None:
+    """The signal behind the last stop (the launcher asks, as it asks trainer.main)."""
+    return _last["signal"]
 _known = {"run.dir", "data.shards", "log.sample_every_images", "train.total_images", "train.batch_size", "checkpoint.every_images", "standin.step_s"}
 
 
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, frame: object) -> None:
         print(f"standin: rank {rank} caught {signal.Signals(signum).name}", flush=True)
         stop["flag"] = 1
+        _last["signal"] = signal.Signals(signum).name
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, on_signal)
