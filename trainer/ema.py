@@ -28,8 +28,15 @@ class EMA:
         ]
 
     def _sources(self, model: nn.Module) -> list[torch.Tensor]:
+        # Cached per model: the parameter objects never change, and rebuilding a
+        # state dict of hundreds of entries every step is pure Python overhead.
+        cached = getattr(self, "_cache", None)
+        if cached is not None and cached[0] is model:
+            return cached[1]
         sd = model.state_dict(keep_vars=True)
-        return [sd[n].detach() for n in self.names]
+        src = [sd[n].detach() for n in self.names]
+        self._cache = (model, src)
+        return src
 
     def decay_at(self, index: int) -> float:
         """The decay used for the next update (with the optional warm-up)."""
