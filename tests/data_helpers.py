@@ -141,3 +141,13 @@ def make_shards(
         progress=False,
         fmt=fmt,
     )
+
+
+def take(loader, n: int) -> list[dict]:
+    """The first n batches of a loader iteration."""
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out

@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from data_pipeline import DataConfig, build_loader
-from tests.data_helpers import make_shards
+from tests.data_helpers import make_shards, take
 
 pytest.importorskip("ffcv", reason="the ffcv extra is not installed")
-
-
-def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
-    """The first n batches of a loader iteration."""
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 @pytest.fixture(scope="module")

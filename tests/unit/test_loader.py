@@ -16,7 +16,7 @@ import torch
 from data_pipeline import DataConfig, build_loader
 from data_pipeline.loader import decode_image, worker_shards
 from data_pipeline.shards import image_part, iter_tar
-from tests.data_helpers import make_shards
+from tests.data_helpers import make_shards, take
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,6 @@ def reference(out: Path) -> dict[bytes, str]:
             ref[decode_image(data, ext).numpy().tobytes()] = key
     assert len(ref) == 53
     return ref
-
-
-def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
-    """The first n batches of a loader iteration."""
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 def cfg_for(out: Path, **kw) -> DataConfig:

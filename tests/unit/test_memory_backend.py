@@ -10,23 +10,13 @@ import torch
 
 from data_pipeline import DataConfig, build_loader
 from data_pipeline.synthetic import ensure_synthetic_shards
-from tests.data_helpers import make_shards
+from tests.data_helpers import make_shards, take
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """23 labelled 16px images (an odd count: ranks cut the epoch to a multiple of W)."""
     return make_shards(tmp_path_factory.mktemp("mem") / "out", 23, size=16, shard_size=4, classes=2)
-
-
-def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
-    """The first n batches of a loader iteration."""
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 def cfg(shards: Path, **kw) -> DataConfig:
