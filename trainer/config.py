@@ -350,7 +350,8 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
         )
     accum = t.batch_size // (per_gpu * world_size)
     for key in ("train.total_images", "checkpoint.every_images", "log.every_images",
-                "log.sample_every_images", "checkpoint.milestone_every_images", "eval.every_images"):
+                "log.sample_every_images", "checkpoint.milestone_every_images", "eval.every_images",
+                "eval.val_every_images"):
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name, 0)
         if v and v % t.batch_size:

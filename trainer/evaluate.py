@@ -83,6 +83,13 @@ class EvalConfig:
         default="", metadata={"help": "reference stats .npz ('' = from the training shards, cached by the manifest)"}
     )
     seed: int = field(default=0, metadata={"help": "base seed: image k of every evaluation has its own noise from (seed, k)"})
+    val_shards: str = field(
+        default="", metadata={"help": "held-out shards for the pinned-noise validation loss ('' = off)"}
+    )
+    val_images: int = field(default=256, metadata={"help": "held-out images used by the validation loss"})
+    val_every_images: int = field(
+        default=0, metadata={"help": "validation loss (EMA weights, fixed t and noise) every N images; 0 = off"}
+    )
 
     def validate(self) -> None:
         """Raise ValueError on an invalid field."""
@@ -94,6 +101,10 @@ class EvalConfig:
             raise ValueError(f"eval.sampler: expected ddim or ddpm, got {self.sampler!r}")
         if self.steps < 0 or self.batch_per_gpu <= 0:
             raise ValueError("eval.steps must be >= 0 and eval.batch_per_gpu > 0")
+        if self.val_every_images < 0 or self.val_images < 1:
+            raise ValueError("eval.val_every_images must be >= 0 and eval.val_images >= 1")
+        if self.val_every_images and not self.val_shards:
+            raise ValueError("eval.val_every_images is set but eval.val_shards is empty: give held-out shards")
         bad = [m for m in self.metrics if m not in ("fid", "is", "kid")]
         if bad or not self.metrics:
             raise ValueError(f"eval.metrics: choose from fid, is, kid; got {list(self.metrics)!r}")

@@ -102,6 +102,25 @@ def build_data(cfg: Config, plan: BatchPlan, info: du.DistInfo):
                         world_size=info.world_size, seed=cfg.run.seed, device=info.device)
 
 
+def build_validation(cfg: Config, info: du.DistInfo) -> tuple[torch.Tensor, list[int], torch.Tensor | None] | None:
+    """This rank's share of the held-out images for the pinned-noise validation loss, or None."""
+    e = cfg.eval
+    if not (e.val_every_images and e.val_shards):
+        return None
+    from data_pipeline import build_loader
+
+    # The same first val_images images on every rank (a one-process view, no flips), then a rank block.
+    vcfg = replace(cfg.data, shards=e.val_shards, hflip=False, num_workers=0, synthetic_images=0)
+    loader = build_loader(vcfg, batch_size=e.val_images, rank=0, world_size=1, seed=0, device=None)
+    try:
+        batch = next(iter(loader))
+    finally:
+        loader.close()
+    mine = list(rank_block(e.val_images, info.rank, info.world_size))
+    labels = batch["label"][mine] if cfg.model.num_classes > 0 and cfg.data.use_labels else None
+    return batch["image"][mine].contiguous(), mine, labels
+
+
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
     """The plain UNet on ``device`` (no DDP, no compile: those are applied by ``parallelize``)."""
     from models.unet import UNet
@@ -375,6 +394,7 @@ def train(cfg: Config, info: du.DistInfo) -> int:
                                     num_classes=cfg.model.num_classes, device=device)
         if evaluator is not None:
             monitor.text("eval/protocol", "```\n" + json.dumps(evaluator.protocol(), indent=2) + "\n```", start_step)
+    validation = build_validation(cfg, info)
     stats = StepStats(device, diffusion.num_timesteps)
     watch = Stopwatch()
     gen = torch.Generator(device=device)
@@ -451,6 +471,17 @@ def train(cfg: Config, info: du.DistInfo) -> int:
                                                       state.nimg > start_nimg):
                 ema.copy_to(ema_model)
                 sample_grid(cfg, diffusion, ema_model, monitor, run_dir, step, state.nimg, device)
+            if validation is not None and every(cfg.eval.val_every_images):
+                from trainer.evaluate import pinned_validation_loss
+
+                ema.copy_to(ema_model)
+                images, indices, labels = validation
+                T = diffusion.num_timesteps  # the same fractions of T as (10, 100, ..., 990) at T=1000
+                ts = tuple(sorted({int(f * T) for f in (0.01, 0.1, 0.25, 0.5, 0.75, 0.99)}))
+                val = pinned_validation_loss(ema_model, diffusion, images, indices, timesteps=ts,
+                                             seed=cfg.run.seed, labels=labels, device=device)
+                monitor.scalars({f"val/{k.removeprefix('val_')}": v for k, v in val.items()}, step)
+                log.info("validation loss (EMA, pinned noise): %.5f", val["val_loss"])
             best = None
             if evaluator is not None and every(cfg.eval.every_images):
                 ema.copy_to(ema_model)

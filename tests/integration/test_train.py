@@ -242,3 +242,13 @@ def test_resume_on_another_world_size_and_worker_count(tmp_path: Path, data_dir:
     out = proc.stdout + proc.stderr
     assert "resumed from" in out and "weaker guarantee" in out and "finished" in out
     assert ckpt_files(run)[-1].name == "ckpt-000000000240.pt"
+
+
+def test_pinned_validation_loss_is_logged(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "run"
+    proc = train(run, data_dir, "train.total_images=160", "log.sample_every_images=0", f"eval.val_shards={data_dir}",
+                 "eval.val_images=12", "eval.val_every_images=80", nproc=2)
+    assert "validation loss (EMA, pinned noise)" in proc.stdout
+    vals = scalars(run, "val/loss")
+    assert [s for s, _ in vals] == [10, 20] and all(0 < v < 10 for _, v in vals)
+    assert [s for s, _ in scalars(run, "val/loss_t50")] == [10, 20]  # t at fixed fractions of T (here 100)
