@@ -7,7 +7,7 @@ size of natural photos) through the real prepare path. Prints medians over --rep
   ceiling   the same JPEG bytes decoded in a tight loop by one process (libjpeg-turbo via
             torchvision.io.decode_jpeg, and PIL for reference)
   loader    data_pipeline's loader, N workers, uint8 batches, flips on: total and per worker
-  recipe    wds.WebDataset(...).decode("pil") + torchvision ToTensor/flip to float, N workers
+  recipe    wds.WebDataset(...).decode("pil") + torchvision flip/ToTensor/Normalize to [-1, 1], N workers
   memory    the memory backend on 32x32 uint8 data (50,000 images, CPU)
 """
 
@@ -117,7 +117,8 @@ def recipe_loader(urls: list[str], workers: int, batch: int):
     import torchvision.transforms as T
     import webdataset as wds
 
-    tf = T.Compose([T.RandomHorizontalFlip(), T.ToTensor()])
+    # flip, to float, to [-1, 1] as DDPM needs (our loader leaves that scaling to the device)
+    tf = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
     ds = (
         wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
         .repeat()
