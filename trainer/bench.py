@@ -84,12 +84,13 @@ def bench_ema(cfg, repeats: int, device: torch.device) -> dict[str, float]:
 
 def bench_train(cfg, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
     """Time the trainer's step phases on the real loader; print the figures."""
-    from data_pipeline import build_loader
     from models.diffusion import GaussianDiffusion
     from models.flops import training_flops_per_image
+    from trainer.config import plan_batches
     from trainer.distributed import DistInfo
     from trainer.ema import EMA
     from trainer.loop import (
+        build_data,
         build_model,
         build_optimizer,
         forward_backward,
@@ -99,13 +100,10 @@ def bench_train(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
         resolve_precision,
     )
 
-    if cfg.data.synthetic_images > 0:
-        from data_pipeline.synthetic import ensure_synthetic_shards
-
-        ensure_synthetic_shards(cfg.data.shards, cfg.data.synthetic_images, cfg.model.image_size, progress=False)
-    b = cfg.train.batch_per_gpu or cfg.train.batch_size
-    loader = build_loader(cfg.data, batch_size=b, rank=0, world_size=1, seed=0, device=device)
     info = DistInfo(0, 1, 0, device)
+    plan = plan_batches(cfg, world_size=1)
+    b = plan.batch_per_gpu
+    loader = build_data(cfg, plan, info)  # the trainer's own data path (synthetic shards on first use)
     torch.manual_seed(0)
     model = build_model(cfg, device)
     train_model = parallelize(model, cfg, info)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import pickle
 import signal
 import socket
 from dataclasses import dataclass
@@ -161,7 +160,7 @@ def gather_objects(obj: Any) -> list[Any]:
     if not is_initialized():
         return [obj]
     out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, pickle.loads(pickle.dumps(obj)), group=_control_group)
+    dist.all_gather_object(out, obj, group=_control_group)
     return out
 
 

@@ -22,6 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_pipeline import build_loader
+from models.diffusion import GaussianDiffusion, drop_labels
+from models.flops import training_flops_per_image
+from models.unet import UNet, count_parameters
 from trainer import distributed as du
 from trainer.checkpoint import CheckpointManager
 from trainer.config import (
@@ -36,6 +40,7 @@ from trainer.config import (
     to_yaml,
 )
 from trainer.ema import EMA
+from trainer.evaluate import build_evaluator, denoising_strip, pinned_validation_loss
 from trainer.monitor import Monitor, Stopwatch
 from trainer.sample import class_labels, image_seed, make_grid, rank_block, sample_uint8, save_png
 
@@ -89,8 +94,6 @@ def resolve_compile(cfg: Config, device: torch.device) -> bool:
 
 def build_data(cfg: Config, plan: BatchPlan, info: du.DistInfo):
     """Make the synthetic shards on first use (rank 0), then the loader of data_pipeline/."""
-    from data_pipeline import build_loader
-
     if cfg.data.synthetic_images > 0:
         if du.is_main():
             from data_pipeline.synthetic import ensure_synthetic_shards
@@ -107,8 +110,6 @@ def build_validation(cfg: Config, info: du.DistInfo) -> tuple[torch.Tensor, list
     e = cfg.eval
     if not (e.val_every_images and e.val_shards):
         return None
-    from data_pipeline import build_loader
-
     # The same first val_images images on every rank (a one-process view, no flips), then a rank block.
     vcfg = replace(cfg.data, shards=e.val_shards, hflip=False, num_workers=0, synthetic_images=0)
     loader = build_loader(vcfg, batch_size=e.val_images, rank=0, world_size=1, seed=0, device=None)
@@ -123,8 +124,6 @@ def build_validation(cfg: Config, info: du.DistInfo) -> tuple[torch.Tensor, list
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
     """The plain UNet on ``device`` (no DDP, no compile: those are applied by ``parallelize``)."""
-    from models.unet import UNet
-
     model = UNet(cfg.model).to(device)
     if cfg.train.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -178,8 +177,6 @@ def forward_backward(train_model: nn.Module, diffusion, batch: dict[str, torch.T
 
     Returns the per-sample losses (b,) and their timesteps (b,), still on the device.
     """
-    from models.diffusion import drop_labels
-
     x = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W) uint8, pinned by the loader
     x0 = x.float().div_(127.5).sub_(1.0)  # [-1, 1]
     if cfg.train.channels_last and device.type == "cuda":
@@ -230,10 +227,9 @@ class StepStats:
     def __init__(self, device: torch.device, num_timesteps: int) -> None:
         self.device = device
         self.T = num_timesteps
-        self.reset()
-        self.nonfinite_run = torch.zeros((), device=device)
-        self.max_run = torch.zeros((), device=device)
+        self.nonfinite_run = torch.zeros((), device=device)  # carries over log intervals
         self.first_bad_step = torch.full((), -1.0, device=device)
+        self.reset()
 
     def reset(self) -> None:
         """Zero the per-interval sums."""
@@ -241,12 +237,13 @@ class StepStats:
         self.loss_sum, self.count = z(()), z(())
         self.q_sum, self.q_count = z(4), z(4)
         self.gnorm_sum, self.steps, self.skipped = z(()), z(()), z(())
+        self.max_run = torch.zeros((), device=self.device)
 
     def add_losses(self, losses: torch.Tensor, t: torch.Tensor) -> None:
         """Per-sample losses (B,) with their timesteps (B,)."""
         losses = losses.detach().double()
         ok = torch.isfinite(losses)
-        safe = torch.where(ok, losses, torch.zeros_like(losses))
+        safe = torch.where(ok, losses, 0.0)
         self.loss_sum += safe.sum()
         self.count += ok.sum()
         q = (t * 4 // self.T).clamp(0, 3)  # timestep quartile
@@ -261,14 +258,16 @@ class StepStats:
         self.skipped += found_inf.double()
         self.nonfinite_run = (self.nonfinite_run + found_inf) * found_inf
         hit = (self.nonfinite_run >= max_run) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(hit, torch.full_like(self.first_bad_step, step), self.first_bad_step)
+        self.first_bad_step = torch.where(hit, float(step), self.first_bad_step)
         self.max_run = torch.maximum(self.max_run, self.nonfinite_run)
 
-    def reduce(self) -> dict[str, float]:
-        """All-reduce over ranks and move to the host (the one sync point, on log steps)."""
+    def reduce(self, bad_samples: float = 0.0) -> dict[str, float]:
+        """All-reduce over ranks (one collective, with the loader's bad-sample count) and move to the
+        host: the one sync point, on log steps."""
         vec = torch.cat([
             self.loss_sum.view(1), self.count.view(1), self.q_sum, self.q_count,
             self.gnorm_sum.view(1), self.steps.view(1), self.skipped.view(1),
+            torch.tensor([float(bad_samples)], dtype=torch.float64, device=self.device),
         ])
         du.all_reduce_sum(vec)
         v = vec.tolist()
@@ -277,15 +276,11 @@ class StepStats:
             "train/loss": v[0] / v[1] if v[1] else float("nan"),
             "train/grad_norm": v[10] / v[11] if v[11] else float("nan"),
             "train/skipped_steps_interval": v[12] / world,  # identical on every rank (grads are all-reduced)
+            "data/bad_samples": v[13],
         }
         for i in range(4):
             out[f"loss_by_t/q{i}"] = v[2 + i] / v[6 + i] if v[6 + i] else float("nan")
         return out
-
-
-def watch_paused(watch: Stopwatch) -> float:
-    """Seconds of the last interval spent outside training steps (sampling, eval, checkpoint copies)."""
-    return watch.last_totals.get("pause", 0.0)
 
 
 def memory_gb(device: torch.device) -> float:
@@ -293,11 +288,6 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def gather_loader_states(loader) -> list[Any]:
-    """Every rank's loader cursor (stored in the checkpoint as a list indexed by rank)."""
-    return du.gather_objects(loader.state_dict())
 
 
 def restore_loader(loader, states: list[Any], rank: int, world_size: int) -> None:
@@ -342,8 +332,6 @@ def train(cfg: Config, info: du.DistInfo) -> int:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {loader.num_classes} classes")
     if loader.image_size != cfg.model.image_size:
         raise ConfigError(f"model.image_size={cfg.model.image_size} but the shards hold {loader.image_size}px images")
-    from models.diffusion import GaussianDiffusion
-
     torch.manual_seed(seed_for(cfg.run.seed, "init"))  # same initial weights on every rank and every run
     model = build_model(cfg, device)
     ema = EMA(model, cfg.ema.decays, cfg.ema.warmup)
@@ -386,14 +374,10 @@ def train(cfg: Config, info: du.DistInfo) -> int:
     start_nimg, start_step = state.nimg, state.nimg // plan.global_batch
     # Events logged at the checkpoint's step belong to it; later ones (by an interrupted run) are purged.
     monitor = Monitor(run_dir, du.is_main(), cfg.log.tensorboard, purge_step=start_step + 1 if start_nimg else None)
-    evaluator = None
-    if getattr(cfg.eval, "every_images", 0):
-        from trainer.evaluate import build_evaluator
-
-        evaluator = build_evaluator(cfg.eval, data_cfg=cfg.data, image_size=cfg.model.image_size,
-                                    num_classes=cfg.model.num_classes, device=device)
-        if evaluator is not None:
-            monitor.text("eval/protocol", "```\n" + json.dumps(evaluator.protocol(), indent=2) + "\n```", start_step)
+    evaluator = build_evaluator(cfg.eval, data_cfg=cfg.data, image_size=cfg.model.image_size,
+                                num_classes=cfg.model.num_classes, device=device)  # None when eval is off
+    if evaluator is not None:
+        monitor.text("eval/protocol", "```\n" + json.dumps(evaluator.protocol(), indent=2) + "\n```", start_step)
     validation = build_validation(cfg, info)
     stats = StepStats(device, diffusion.num_timesteps)
     watch = Stopwatch()
@@ -410,7 +394,7 @@ def train(cfg: Config, info: du.DistInfo) -> int:
         return interval > 0 and state.nimg % interval == 0 and state.nimg > start_nimg
 
     def save(best: str | None = None) -> None:
-        loader_states = gather_loader_states(loader)
+        loader_states = du.gather_objects(loader.state_dict())  # a list indexed by rank
         if du.is_main():
             ckpt.save({
                 "model": model.state_dict(),  # the unwrapped, uncompiled module: no prefixes
@@ -430,28 +414,22 @@ def train(cfg: Config, info: du.DistInfo) -> int:
 
             # --- status: reduced metrics, console line, TensorBoard (sync point: log steps only)
             if every(cfg.log.every_images) or state.nimg >= cfg.train.total_images:
-                values = stats.reduce()
-                data_wait = watch.totals.get("data", 0.0)
+                values = stats.reduce(bad_samples=loader.stats().get("bad_samples", 0))
+                wall, phases = watch.lap()
                 # sampling, evaluation and checkpoint copies are not training time
-                interval_wall = max(1e-9, watch.reset() - watch_paused(watch))
+                interval_wall = max(1e-9, wall - phases.get("pause", 0.0))
                 done_imgs = max(B, state.nimg - last_log_nimg)
                 last_log_nimg = state.nimg
-                loader_stats = loader.stats()
-                bad = torch.tensor([loader_stats.get("bad_samples", 0), loader_stats.get("samples", 0)],
-                                   dtype=torch.float64, device=device)
-                du.all_reduce_sum(bad)
-                state.skipped_steps += int(round(values["train/skipped_steps_interval"]))
+                state.skipped_steps += int(round(values.pop("train/skipped_steps_interval")))
                 values.update({
                     "train/lr": lr_at(cfg, state.nimg - B),
                     "perf/images_per_s": done_imgs / interval_wall,
                     "perf/images_per_s_per_gpu": done_imgs / interval_wall / world,
                     "perf/step_time_s": interval_wall * B / done_imgs,
-                    "perf/data_wait_frac": min(1.0, data_wait / interval_wall),
+                    "perf/data_wait_frac": min(1.0, phases.get("data", 0.0) / interval_wall),
                     "perf/memory_gb": memory_gb(device),
                     "train/skipped_steps": float(state.skipped_steps),
-                    "data/bad_samples": float(bad[0].item()),
                 })
-                values.pop("train/skipped_steps_interval", None)
                 monitor.scalars(values, step)
                 monitor.console(step, plan.total_steps, state.nimg, values, time.perf_counter() - t_start,
                                 start_step)
@@ -462,7 +440,6 @@ def train(cfg: Config, info: du.DistInfo) -> int:
                         f"in {ckpt.dir}. Lower train.lr or check the data."
                     )
                 stats.reset()
-                stats.max_run.zero_()
 
             # --- pictures and metrics from the EMA weights (every rank takes part)
             t_pause = time.perf_counter()
@@ -472,8 +449,6 @@ def train(cfg: Config, info: du.DistInfo) -> int:
                 ema.copy_to(ema_model)
                 sample_grid(cfg, diffusion, ema_model, monitor, run_dir, step, state.nimg, device)
             if validation is not None and every(cfg.eval.val_every_images):
-                from trainer.evaluate import pinned_validation_loss
-
                 ema.copy_to(ema_model)
                 images, indices, labels = validation
                 T = diffusion.num_timesteps  # the same fractions of T as (10, 100, ..., 990) at T=1000
@@ -569,8 +544,6 @@ def sample_grid(cfg: Config, diffusion, ema_model: nn.Module, monitor: Monitor, 
         save_png(grid, out / f"grid-{nimg:012d}.png")
         monitor.image("samples/ema_grid", grid, step)
         # The paper's figure: x_t from noise to image for a few fixed seeds (rank 0; small).
-        from trainer.evaluate import denoising_strip
-
         k = min(4, n)
         strip_labels = class_labels(range(k), m.num_classes)
         strip = denoising_strip(diffusion, ema_model, [image_seed(cfg.run.seed, i) for i in range(k)], m.image_size,
@@ -583,12 +556,9 @@ def sample_grid(cfg: Config, diffusion, ema_model: nn.Module, monitor: Monitor, 
 
 def dry_run_summary(cfg: Config, world_size: int) -> str:
     """The --dry-run summary: world size, batches, steps, parameters, training FLOPs per image."""
-    from models.flops import training_flops_per_image
-    from models.unet import UNet
-
     plan = plan_batches(cfg, world_size)
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in UNet(replace(cfg.model)).parameters())
+        n_params = count_parameters(UNet(cfg.model))
     flops = training_flops_per_image(cfg.model)
     return "\n".join([
         f"run directory      {cfg.run_dir}",

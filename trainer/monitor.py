@@ -113,20 +113,19 @@ class Monitor:
 
 
 class Stopwatch:
-    """Accumulates wall time per phase between log steps (data wait, step)."""
+    """Accumulates wall time per phase between log steps (data wait, pauses)."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
-        self.last_totals: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
     def add(self, name: str, seconds: float) -> None:
         """Add time to one phase."""
         self.totals[name] = self.totals.get(name, 0.0) + seconds
 
-    def reset(self) -> float:
-        """Start a new interval; return the wall time of the one that ended."""
+    def lap(self) -> tuple[float, dict[str, float]]:
+        """Start a new interval; return the wall time and the phase totals of the one that ended."""
         now = time.perf_counter()
         wall, self.t0 = now - self.t0, now
-        self.last_totals, self.totals = self.totals, {}
-        return wall
+        phases, self.totals = self.totals, {}
+        return wall, phases
