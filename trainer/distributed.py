@@ -7,6 +7,7 @@ MASTER_ADDR, MASTER_PORT); the SLURM launcher sets the same variables.
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 import signal
@@ -73,6 +74,14 @@ def init_distributed(backend: str = "auto", init_timeout_s: int = 1800) -> DistI
     if world > 1 and not is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
+        # torch.distributed.nn.functional binds group.WORLD into the default arguments of ten
+        # functions when it is first imported. Imported after init (torch._dynamo imports it, and
+        # torchvision / torch-fidelity import dynamo lazily), it pins the default group past
+        # destroy_process_group(): gloo's worker threads then outlive it and can drop the last
+        # reference to a collective's tensors during interpreter shutdown, which aborts the
+        # process ("terminate called without an active exception"). Imported first, it binds None.
+        importlib.import_module("torch.distributed.nn.functional")
+
         kwargs: dict[str, Any] = {}
         if backend == "nccl":
             kwargs["device_id"] = device  # eager NCCL init, binds the communicator to this GPU
