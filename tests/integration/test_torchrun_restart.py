@@ -4,6 +4,7 @@ restarts the whole group, which resumes from the last checkpoint and finishes (g
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,15 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
+# 60 steps instead of 20: the run must still be going when the test, polling every 0.25 s on a
+# loaded 2-core machine, sees the first checkpoint and kills a rank (the tiny model runs ~12 steps/s).
+LONGER = ("train.total_images=480", "log.sample_every_images=480")
+
+
+def _ckpt_step(name: str) -> int:
+    return int(re.search(r"ckpt-(\d+)\.pt", name).group(1)) // 8  # 8 images per step
+
+
 @pytest.mark.slow
 def test_sigkilled_rank_restarts_group_which_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -46,7 +56,7 @@ def test_sigkilled_rank_restarts_group_which_resumes(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         "--max-restarts=1", str(SCRIPT), "--config", str(TINY), f"run.dir={run_dir}",
-        f"data.shards={tmp_path / 'data'}", *SHORT,
+        f"data.shards={tmp_path / 'data'}", *SHORT, *LONGER,
     ]
     # A fresh worker store per restart: with the agent's shared store (torch >= 2.4 default) the
     # restarted group can read the dead group's gloo addresses and fail or hang in init.
@@ -67,6 +77,8 @@ def test_sigkilled_rank_restarts_group_which_resumes(tmp_path: Path) -> None:
         workers = {_rank_of(p): p for p in _children(proc.pid)}
         assert set(workers) == {0, 1}, workers
         os.kill(workers[1], signal.SIGKILL)
+        # Checkpoints written by then; rank 0 may still finish one it had started (async write).
+        at_kill = max(_ckpt_step(p.name) for p in ckpts.glob("ckpt-*.pt"))
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
@@ -75,7 +87,12 @@ def test_sigkilled_rank_restarts_group_which_resumes(tmp_path: Path) -> None:
     text = out_path.read_text(errors="replace") + "".join(
         p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.log")))
     assert rc == 0, text[-3000:]
-    assert "resumed from" in text and first in text.split("resumed from", 1)[1].splitlines()[0]
+    resumed = re.search(r"resumed from \S*(ckpt-\d+\.pt) at step (\d+)", text)
+    assert resumed, text[-3000:]
+    # From the newest checkpoint: the one there at the kill, or one in flight then; never older.
+    step = int(resumed.group(2))
+    assert step == _ckpt_step(resumed.group(1)) >= _ckpt_step(first)
+    assert at_kill <= step <= at_kill + 5, (first, at_kill, resumed.group(0))
     assert (ckpts / "latest").read_text().strip() == sorted(ckpts.glob("ckpt-*.pt"))[-1].name
     assert "finished" in text
     steps = tb_steps(run_dir)
