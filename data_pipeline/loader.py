@@ -111,6 +111,8 @@ class ShardStream(IterableDataset):
         self.counters: list[list[int]] = [[0, 0] for _ in range(self.num_workers)]  # bad, seen
         self.override: dict | None = None
         self.worker_offset = 0  # logical worker of DataLoader worker 0 (resume: the next one due)
+        self._ring: list[Tensor] = []  # a worker's shared-memory batch buffers (_new_batch)
+        self._ring_next = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -136,12 +138,11 @@ class ShardStream(IterableDataset):
         # has received (DataLoader sends the next index only on receipt), and the main process
         # copies each batch out on receipt (pin_memory, or Loader's clone), so a ring of
         # prefetch_factor + 2 buffers is never overwritten while still being read.
-        ring = self.__dict__.setdefault("_ring", [])
-        i = self.__dict__.get("_ring_next", 0)
+        i = self._ring_next
         self._ring_next = (i + 1) % (self.cfg.prefetch_factor + 2)
-        if i == len(ring):
-            ring.append(torch.empty(shape, dtype=torch.uint8, memory_format=fmt).share_memory_())
-        return ring[i]
+        if i == len(self._ring):
+            self._ring.append(torch.empty(shape, dtype=torch.uint8, memory_format=fmt).share_memory_())
+        return self._ring[i]
 
     def _batches(self, w: int) -> Iterator[dict[str, Any]]:
         g = self.rank * self.num_workers + w

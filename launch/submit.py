@@ -74,8 +74,9 @@ def resolve_run_dir(config: str | None, overrides: Sequence[str], run_dir: str |
     if values.get("run.dir"):
         return Path(values["run.dir"]).absolute()
     cfg: dict[str, Any] = {}
-    if config and Path(config_path(config)).is_file():
-        with open(config_path(config)) as f:
+    path = Path(config_path(config)) if config else None
+    if path is not None and path.is_file():
+        with open(path) as f:
             cfg = yaml.safe_load(f) or {}
     run = cfg.get("run") or {}
     if run.get("dir"):

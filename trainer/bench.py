@@ -94,6 +94,7 @@ def bench_train(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
         build_model,
         build_optimizer,
         forward_backward,
+        memory_gb,
         optimizer_step,
         parallelize,
         resolve_compile,
@@ -137,12 +138,7 @@ def bench_train(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
     med = {k: statistics.median(v) for k, v in phases.items()}
     ips = b / med["step"]
     flops = training_flops_per_image(cfg.model)
-    if device.type == "cuda":
-        mem = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        import resource
-
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    mem = memory_gb(device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, batch per GPU {b}, precision {amp or 'fp32'}, "
           f"compile {resolve_compile(cfg, device)}, {steps} timed steps after {warmup} warm-up")

@@ -103,15 +103,16 @@ def set_collective_timeout(seconds: int) -> None:
         return
     public = getattr(dist, "set_timeout", None)  # torch >= 2.14
     private = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if public is None and private is None:
+        log.warning("this torch cannot change the collective timeout; keeping the start-up value")
+        return
+    timeout = datetime.timedelta(seconds=seconds)
     groups = [None] + ([_control_group] if _control_group not in (None, dist.group.WORLD) else [])
     for g in groups:
         if public is not None:
-            public(datetime.timedelta(seconds=seconds), group=g)
-        elif private is not None:
-            private(datetime.timedelta(seconds=seconds), g)
-        else:  # keep the start-up timeout
-            log.warning("this torch cannot change the collective timeout; keeping the start-up value")
-            return
+            public(timeout, group=g)
+        else:
+            private(timeout, g)
 
 
 def destroy() -> None:

@@ -22,17 +22,17 @@ class EMA:
         self.num_updates = 0
         # Parameters and floating buffers, by name; the unwrapped model, so no prefixes.
         self.names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
+        # (model, its source tensors): the parameter objects never change, and rebuilding a
+        # state dict of hundreds of entries every step is pure Python overhead.
+        self._cache: tuple[nn.Module, list[torch.Tensor]] | None = None
         src = self._sources(model)
         self.shadows: list[list[torch.Tensor]] = [
             [t.detach().to(torch.float32, copy=True) for t in src] for _ in self.decays
         ]
 
     def _sources(self, model: nn.Module) -> list[torch.Tensor]:
-        # Cached per model: the parameter objects never change, and rebuilding a
-        # state dict of hundreds of entries every step is pure Python overhead.
-        cached = getattr(self, "_cache", None)
-        if cached is not None and cached[0] is model:
-            return cached[1]
+        if self._cache is not None and self._cache[0] is model:
+            return self._cache[1]
         sd = model.state_dict(keep_vars=True)
         src = [sd[n].detach() for n in self.names]
         self._cache = (model, src)

@@ -48,9 +48,8 @@ from trainer.metrics import (
     library_version,
     reference_from_batches,
     reference_from_images,
-    to_uint8,
 )
-from trainer.sample import class_labels, rank_block, sample_uint8
+from trainer.sample import class_labels, rank_block, sample_uint8, to_uint8
 
 log = logging.getLogger("ddpm")
 

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from trainer import distributed as du
-from trainer.sample import to_uint8  # noqa: F401 - re-exported for callers of this module
 
 FeatureExtractor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 ExtractorFactory = Callable[[str, torch.device], FeatureExtractor]

@@ -22,6 +22,8 @@ _last = {"signal": None}
 def stop_signal() -> str | None:
     """The signal behind the last stop (the launcher asks, as it asks trainer.main)."""
     return _last["signal"]
+
+
 _known = {"run.dir", "data.shards", "log.sample_every_images", "train.total_images", "train.batch_size", "checkpoint.every_images", "standin.step_s"}
 
 
