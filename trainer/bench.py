@@ -44,8 +44,8 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def bench_ema(cfg, repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds of one EMA update, fused (foreach lerp) vs a per-parameter loop, interleaved."""
+    from trainer.build import build_model
     from trainer.ema import EMA
-    from trainer.loop import build_model
 
     model = build_model(cfg, device)
     ema = EMA(model, cfg.ema.decays)
@@ -86,20 +86,18 @@ def bench_train(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
     """Time the trainer's step phases on the real loader; print the figures."""
     from models.diffusion import GaussianDiffusion
     from models.flops import training_flops_per_image
-    from trainer.config import plan_batches
-    from trainer.distributed import DistInfo
-    from trainer.ema import EMA
-    from trainer.loop import (
+    from trainer.build import (
         build_data,
         build_model,
         build_optimizer,
-        forward_backward,
-        memory_gb,
-        optimizer_step,
         parallelize,
         resolve_compile,
         resolve_precision,
     )
+    from trainer.config import plan_batches
+    from trainer.distributed import DistInfo
+    from trainer.ema import EMA
+    from trainer.step import forward_backward, memory_gb, optimizer_step
 
     info = DistInfo(0, 1, 0, device)
     plan = plan_batches(cfg, world_size=1)

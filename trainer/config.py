@@ -23,7 +23,6 @@ import yaml
 from data_pipeline import DataConfig
 from models.diffusion import DiffusionConfig
 from models.unet import UNetConfig
-from trainer.evaluate import EvalConfig
 
 
 class ConfigError(ValueError):
@@ -104,6 +103,53 @@ class DistConfig:
     init_timeout_s: int = _f(1800, "collective timeout for start-up and the first steps (compile, data)")
     timeout_s: int = _f(600, "collective timeout after dist.warmup_steps; a dead rank ends the job")
     warmup_steps: int = _f(20, "steps run with the start-up timeout before switching to dist.timeout_s")
+
+
+@dataclass
+class EvalConfig:
+    """FID/IS/KID during training (the ``eval:`` section of the run config)."""
+
+    every_images: int = field(default=0, metadata={"help": "evaluate every N training images (0 = off)"})
+    num_samples: int = field(default=10_000, metadata={"help": "samples per evaluation (K), split over all ranks"})
+    sampler: str = field(default="ddim", metadata={"help": "sampler for evaluation samples: ddim or ddpm"})
+    steps: int = field(default=50, metadata={"help": "sampling steps (0 = the sampler's default: T for ddpm)"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0 = deterministic DDIM)"})
+    batch_per_gpu: int = field(default=64, metadata={"help": "images sampled (and featurised) per GPU at once"})
+    metrics: tuple[str, ...] = field(default=("fid",), metadata={"help": "metrics to compute: fid, is, kid"})
+    feature_extractor: str = field(
+        default="inception-v3-compat",
+        metadata={"help": "feature extractor (torch-fidelity name, or package.module:factory)"},
+    )
+    weights: str = field(default="", metadata={"help": "offline Inception weights file ('' = library download)"})
+    reference: str = field(
+        default="", metadata={"help": "reference stats .npz ('' = from the training shards, cached by the manifest)"}
+    )
+    seed: int = field(default=0, metadata={"help": "base seed: image k of every evaluation has its own noise from (seed, k)"})
+    val_shards: str = field(
+        default="", metadata={"help": "held-out shards for the pinned-noise validation loss ('' = off)"}
+    )
+    val_images: int = field(default=256, metadata={"help": "held-out images used by the validation loss"})
+    val_every_images: int = field(
+        default=0, metadata={"help": "validation loss (EMA weights, fixed t and noise) every N images; 0 = off"}
+    )
+
+    def validate(self) -> None:
+        """Raise ValueError on an invalid field."""
+        if self.every_images < 0:
+            raise ValueError(f"eval.every_images: must be >= 0, got {self.every_images}")
+        if self.num_samples < 2:
+            raise ValueError(f"eval.num_samples: need at least 2 for a covariance, got {self.num_samples}")
+        if self.sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"eval.sampler: expected ddim or ddpm, got {self.sampler!r}")
+        if self.steps < 0 or self.batch_per_gpu <= 0:
+            raise ValueError("eval.steps must be >= 0 and eval.batch_per_gpu > 0")
+        if self.val_every_images < 0 or self.val_images < 1:
+            raise ValueError("eval.val_every_images must be >= 0 and eval.val_images >= 1")
+        if self.val_every_images and not self.val_shards:
+            raise ValueError("eval.val_every_images is set but eval.val_shards is empty: give held-out shards")
+        bad = [m for m in self.metrics if m not in ("fid", "is", "kid")]
+        if bad or not self.metrics:
+            raise ValueError(f"eval.metrics: choose from fid, is, kid; got {list(self.metrics)!r}")
 
 
 @dataclass

@@ -1,154 +1,146 @@
-"""Sampling from a run: EMA weights, DDPM or DDIM, split over ranks, PNGs + grid + .npz.
-
-Image k's noise comes from its own seed (``image_seed(seed, k)``), so the set of
-images is the same at any world size and batch size.
+"""The ``ddpm-sample`` command: images from a run's EMA weights, split over ranks, resumable.
 
     torchrun --nproc_per_node=8 -m trainer.sample --run-dir runs/celebahq_256 --num-samples 1000 --sampler ddim --steps 100
+
+Writes ``<k>.png`` per image, ``grid.png`` and ``samples.npz`` (ADM layout) into the output
+folder, through a ``SampleSet`` (trainer.sample_set): an interrupted run keeps its finished
+chunks, more samples extend a set, and other settings on the same folder are refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import math
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from trainer import distributed as du
+from trainer.checkpoint import load_for_inference, resolve_checkpoint
+from trainer.sample_set import ProtocolMismatchError, SampleSet
+from trainer.sampling import class_labels, make_grid, sample_uint8, save_png
 
 log = logging.getLogger("ddpm")
 
 
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image ``index`` in a sampling run with base ``seed``."""
-    digest = hashlib.sha256(f"sample:{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+class SampleArgsError(ValueError):
+    """Options that do not fit the checkpoint's model."""
 
 
-def rank_block(n: int, rank: int, world_size: int) -> range:
-    """This rank's contiguous share of indices 0..n-1 (sizes differ by at most one)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of ``ddpm-sample``."""
+    p = argparse.ArgumentParser(
+        prog="ddpm-sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Sample images from a ddpm-scale run (EMA weights by default).",
+    )
+    p.add_argument("--run-dir", required=True, help="run directory (newest complete checkpoint) or checkpoint file")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: <run>/samples/<checkpoint>-<sampler>-<steps>-seed<seed>[-g<guidance>]"
+                        "[-label<label>])")
+    p.add_argument("--num-samples", type=int, default=64, help="number of images")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm = the paper's ancestral sampler")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: T for ddpm, 50 for ddim)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--seed", type=int, default=0, help="base seed: image k's noise derives from (seed, k)")
+    p.add_argument("--batch-per-gpu", type=int, default=64, help="images per GPU per sampler call (one chunk)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale (class-conditional models; 1 = none)")
+    p.add_argument("--label", type=int, default=None,
+                   help="class of every image (conditional models; default: image k gets class k %% num_classes)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.batch_per_gpu < 1:
+        p.error("--num-samples and --batch-per-gpu must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
 
 
-def class_labels(indices: Sequence[int], num_classes: int) -> torch.Tensor | None:
-    """Balanced, world-size independent labels for class-conditional sampling: image k is class k % C."""
+def check_against_model(args: argparse.Namespace, num_classes: int) -> None:
+    """Raise SampleArgsError (one line naming the fix) when --label/--guidance do not fit the model."""
     if num_classes <= 0:
-        return None
-    return torch.tensor([k % num_classes for k in indices], dtype=torch.long)
+        if args.label is not None:
+            raise SampleArgsError("--label needs a class-conditional model; this one is unconditional "
+                                  "(model.num_classes=0): drop --label")
+        if args.guidance != 1.0:
+            raise SampleArgsError("--guidance needs a class-conditional model; this one is unconditional "
+                                  "(model.num_classes=0): drop --guidance")
+    elif args.label is not None and not 0 <= args.label < num_classes:
+        raise SampleArgsError(f"--label {args.label} is not a class of this model: give 0..{num_classes - 1} "
+                              f"(model.num_classes={num_classes})")
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Map [-1, 1] float images to uint8 [0, 255] (the usual DDPM quantisation)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def default_out(args: argparse.Namespace, run_dir: Path, ckpt: Path, steps: int | None) -> Path:
+    """<run>/samples/<checkpoint>-<sampler>-<steps>-seed<seed>, plus non-default guidance and label."""
+    name = f"{ckpt.stem}-{args.sampler}-{steps or 'T'}-seed{args.seed}"
+    if args.guidance != 1.0:
+        name += f"-g{args.guidance:g}"
+    if args.label is not None:
+        name += f"-label{args.label}"
+    return run_dir / "samples" / name
 
 
-@torch.no_grad()
-def sample_uint8(model: nn.Module, diffusion, indices: Sequence[int], *, image_shape: tuple[int, int, int],
-                 seed: int, batch_size: int, sampler: str = "ddpm", steps: int | None = None,
-                 eta: float = 0.0, guidance_scale: float = 1.0, labels: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-    """Sample the images with the given global indices; returns uint8 (N, C, H, W) on the CPU.
+def run(args: argparse.Namespace, info: du.DistInfo) -> Path:
+    """Sample on every rank into the sample set; rank 0 writes grid.png and samples.npz. Returns the folder."""
+    steps = args.steps if args.steps is not None else (50 if args.sampler == "ddim" else None)
+    ckpt = resolve_checkpoint(args.run_dir)
+    model, diffusion, cfg = load_for_inference(ckpt, which=args.weights)
+    m = cfg["model"]
+    num_classes = int(m.get("num_classes", 0) or 0)
+    check_against_model(args, num_classes)
+    model.to(info.device)
+    diffusion.to(info.device)
+    shape = (m["in_channels"], m["image_size"], m["image_size"])
+    run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else ckpt.parent.parent
+    out = Path(args.out) if args.out else default_out(args, run_dir, ckpt, steps)
+    samples = SampleSet(out, {
+        "checkpoint": str(ckpt.resolve()), "weights": args.weights, "sampler": args.sampler, "steps": steps,
+        "eta": args.eta if args.sampler == "ddim" else None, "seed": args.seed, "guidance": args.guidance,
+        "label": args.label, "image_size": m["image_size"], "num_classes": num_classes,
+    })
+    samples.claim_everywhere("use another --out, or the default folder, which names these settings")
 
-    ``labels`` (N,) are aligned with ``indices``; image k depends only on (seed, k, its label).
-    """
-    out = []
-    indices = list(indices)
-    batches = [(i, indices[i: i + batch_size]) for i in range(0, len(indices), batch_size)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def make_chunk(start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
+        labels = class_labels(range(start, end), num_classes)
+        if labels is not None and args.label is not None:
+            labels.fill_(args.label)
+        imgs = sample_uint8(model, diffusion, range(start, end), image_shape=shape, seed=args.seed,
+                            batch_size=args.batch_per_gpu, sampler=args.sampler, steps=steps, eta=args.eta,
+                            guidance_scale=args.guidance, labels=labels, device=info.device)
+        for k, img in zip(range(start, end), imgs):
+            save_png(img, out / f"{k:06d}.png")
+        return imgs.permute(0, 2, 3, 1).numpy(), labels.numpy() if labels is not None else None
 
-        bar = tqdm(total=len(indices), desc="sampling", unit="img", dynamic_ncols=True)
-    for start, b in batches:
-        y = labels[start: start + len(b)].to(device) if labels is not None else None
-        x = diffusion.sample(
-            model, image_shape, [image_seed(seed, k) for k in b], sampler=sampler, steps=steps,
-            eta=eta, guidance_scale=guidance_scale, y=y, device=device,
-        )
-        out.append(to_uint8(x).cpu())
-        if bar is not None:
-            bar.update(len(b))
-    if bar is not None:
-        bar.close()
-    if not out:
-        return torch.zeros((0, *image_shape), dtype=torch.uint8)
-    return torch.cat(out)
-
-
-def make_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """(N, C, H, W) uint8 -> one (C, H', W') uint8 grid with a 2-pixel border."""
-    from torchvision.utils import make_grid as tv_grid
-
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    return tv_grid(images, nrow=nrow, padding=2, pad_value=0)
-
-
-def save_png(image: torch.Tensor, path: str | Path) -> None:
-    """Write one (C, H, W) uint8 image as PNG."""
-    from PIL import Image
-
-    arr = image.permute(1, 2, 0).numpy()
-    Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(path)
+    samples.fill(args.num_samples, args.batch_per_gpu, make_chunk, progress=True)
+    if du.is_main():
+        first: list[Any] = []
+        for _, images, _ in samples.iter_images(min(args.num_samples, 64)):
+            first.append(torch.from_numpy(images).permute(0, 3, 1, 2))
+        save_png(make_grid(torch.cat(first)), out / "grid.png")
+        samples.write_adm_npz(out / "samples.npz", args.num_samples, conditional=num_classes > 0)
+        log.info("wrote %d images, grid.png and samples.npz to %s", args.num_samples, out)
+    du.barrier()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``ddpm-sample`` command."""
-    p = argparse.ArgumentParser(description="Sample images from a ddpm-scale run (EMA weights by default).")
-    p.add_argument("--run-dir", required=True, help="run directory or checkpoint file")
-    p.add_argument("--out", default=None, help="output folder (default: <run>/samples/<sampler>-<steps>-seed<seed>)")
-    p.add_argument("--num-samples", type=int, default=64, help="number of images")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: T for ddpm, 50 for ddim)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-per-gpu", type=int, default=64)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--label", type=int, default=None,
-                   help="class label for conditional models (default: image k gets class k %% num_classes)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    args = p.parse_args(argv)
-
-    from trainer.checkpoint import load_for_inference
+    """The ``ddpm-sample`` command; returns the exit code (2 for a usage problem, one line on stderr)."""
     from trainer.monitor import setup_logging
 
+    args = parse_args(argv)
     info = du.init_distributed()
     setup_logging(info.rank)
-    steps = args.steps if args.steps is not None else (50 if args.sampler == "ddim" else None)
-    model, diffusion, cfg = load_for_inference(args.run_dir, which=args.weights)
-    model.to(info.device)
-    diffusion.to(info.device)
-    m = cfg["model"]
-    shape = (m["in_channels"], m["image_size"], m["image_size"])
-    run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent.parent
-    out = Path(args.out) if args.out else run_dir / "samples" / f"{args.sampler}-{steps or 'T'}-seed{args.seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    mine = list(rank_block(args.num_samples, info.rank, info.world_size))
-    labels = class_labels(mine, m.get("num_classes", 0))
-    if labels is not None and args.label is not None:
-        labels.fill_(args.label)
-    imgs = sample_uint8(model, diffusion, mine, image_shape=shape, seed=args.seed, batch_size=args.batch_per_gpu,
-                        sampler=args.sampler, steps=steps, eta=args.eta, guidance_scale=args.guidance,
-                        labels=labels, device=info.device, progress=du.is_main())
-    for k, img in zip(mine, imgs):
-        save_png(img, out / f"{k:06d}.png")
-    gathered = du.all_gather_tensor(imgs.to(info.device)).cpu()
-    idx = du.all_gather_tensor(torch.tensor(mine, dtype=torch.long, device=info.device)).cpu()
-    if du.is_main():
-        order = torch.argsort(idx)
-        allimgs = gathered[order]
-        save_png(make_grid(allimgs[:64]), out / "grid.png")
-        np.savez(out / "samples.npz", arr_0=allimgs.permute(0, 2, 3, 1).numpy())
-        log.info("wrote %d images, grid.png and samples.npz to %s", len(allimgs), out)
-    du.barrier()
-    du.destroy()
+    try:
+        run(args, info)
+    except (FileNotFoundError, SampleArgsError, ProtocolMismatchError) as e:
+        if du.is_main():
+            print(f"ddpm-sample: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        du.destroy()
     return 0
 
 

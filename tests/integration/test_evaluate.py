@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import evaluate as E
-from trainer import metrics as M
+from trainer.config import EvalConfig
+from trainer.evaluation.command import parse_args, run_standalone
+from trainer.evaluation.evaluator import build_evaluator
+from trainer.evaluation.metrics import compute_metrics, feature_statistics, frechet_distance
+from trainer.evaluation.reference import ReferenceStats, reference_from_images
+from trainer.evaluation.validation import pinned_validation_loss
+from trainer.sample_set import ProtocolMismatchError
+from trainer.sampling import denoising_strip, rank_block, sample_images, to_uint8
 
 repo = Path(__file__).resolve().parents[2]
 
@@ -60,25 +66,25 @@ def test_image_k_independent_of_how_indices_are_split() -> None:
     """What 1 vs 2 ranks do: the same indices, batched differently, give the same uint8 images."""
     model, diffusion = _tiny_model()
     kw = dict(seed=7, image_size=16, sampler="ddim", steps=3)
-    whole = E.sample_images(model, diffusion, [0, 1, 2, 3, 4], **kw)
-    parts = torch.cat([E.sample_images(model, diffusion, idx, **kw) for idx in ([0, 1, 2], [3, 4])])
+    whole = sample_images(model, diffusion, [0, 1, 2, 3, 4], **kw)
+    parts = torch.cat([sample_images(model, diffusion, idx, **kw) for idx in ([0, 1, 2], [3, 4])])
     assert whole.dtype == torch.uint8 and whole.shape == (5, 3, 16, 16)
     assert torch.equal(whole, parts)
     assert not torch.equal(whole[0], whole[1])  # different seeds, different images
     # The rank blocks tile 0..n-1 exactly, for any world size.
     for n, world in ((10, 1), (10, 3), (5, 4)):
-        blocks = [list(E.rank_block(n, r, world)) for r in range(world)]
+        blocks = [list(rank_block(n, r, world)) for r in range(world)]
         assert sum(blocks, []) == list(range(n))
 
 
 def test_denoising_strip_shape_and_endpoints() -> None:
     model, diffusion = _tiny_model()
-    strip = E.denoising_strip(diffusion, model, seeds=[1, 2], image_size=16, num_columns=4,
+    strip = denoising_strip(diffusion, model, seeds=[1, 2], image_size=16, num_columns=4,
                               sampler="ddim", steps=6, padding=2)
     assert strip.dtype == torch.uint8
     assert strip.shape == (3, 2 + 2 * (16 + 2), 2 + 4 * (16 + 2))  # 2 rows, 4 columns
     # The last column is the finished sample: the same image sample() returns.
-    final = E.to_uint8(diffusion.sample(model, (3, 16, 16), [2], sampler="ddim", steps=6))[0]
+    final = to_uint8(diffusion.sample(model, (3, 16, 16), [2], sampler="ddim", steps=6))[0]
     assert torch.equal(strip[:, 20:36, 56:72], final)
 
 
@@ -87,10 +93,10 @@ def test_evaluator_with_precomputed_reference(tmp_path) -> None:
     rng = np.random.default_rng(0)
     ref_images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "ref.npz", arr_0=ref_images)  # an ADM-style image batch as reference
-    cfg = E.EvalConfig(every_images=8, num_samples=6, steps=3, batch_per_gpu=4,
+    cfg = EvalConfig(every_images=8, num_samples=6, steps=3, batch_per_gpu=4,
                        metrics=("fid", "is", "kid"), reference=str(tmp_path / "ref.npz"))
     ext = TinyExtractor()
-    ev = E.build_evaluator(cfg, image_size=16, feature_extractor=ext)
+    ev = build_evaluator(cfg, image_size=16, feature_extractor=ext)
     assert ext.seen == 40 and ev.reference.num_images == 40
     model.train()
     first = ev.evaluate(model, diffusion, cur_nimg=8)
@@ -101,32 +107,32 @@ def test_evaluator_with_precomputed_reference(tmp_path) -> None:
     again = ev.evaluate(model, diffusion, cur_nimg=16)
     assert again["fid"] == pytest.approx(first["fid"], rel=1e-6)
     # And the number is the FID of exactly these samples against the reference.
-    imgs = E.sample_images(model, diffusion, list(range(6)), seed=0, image_size=16, sampler="ddim", steps=3)
+    imgs = sample_images(model, diffusion, list(range(6)), seed=0, image_size=16, sampler="ddim", steps=3)
     feats = ext(imgs)["features"]
-    expected = M.frechet_distance(*M.feature_statistics(feats), *M.feature_statistics(ext(
+    expected = frechet_distance(*feature_statistics(feats), *feature_statistics(ext(
         torch.from_numpy(ref_images).permute(0, 3, 1, 2))["features"]))
     assert first["fid"] == pytest.approx(expected, rel=1e-5)
-    assert E.build_evaluator(E.EvalConfig(every_images=0)) is None
+    assert build_evaluator(EvalConfig(every_images=0)) is None
 
 
 def test_pinned_validation_loss_is_split_invariant_and_moves_with_weights() -> None:
     model, diffusion = _tiny_model()
     imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8))
     kw = dict(timesteps=(5, 50, 95), seed=3)
-    whole = E.pinned_validation_loss(model, diffusion, imgs, list(range(5)), batch_size=5, **kw)
+    whole = pinned_validation_loss(model, diffusion, imgs, list(range(5)), batch_size=5, **kw)
     assert set(whole) == {"val_loss_t5", "val_loss_t50", "val_loss_t95", "val_loss"}
     # Two "ranks" worth of images, batched differently: the same per-image losses, summed.
-    a = E.pinned_validation_loss(model, diffusion, imgs[:2], [0, 1], batch_size=1, **kw)
-    b = E.pinned_validation_loss(model, diffusion, imgs[2:], [2, 3, 4], batch_size=2, **kw)
+    a = pinned_validation_loss(model, diffusion, imgs[:2], [0, 1], batch_size=1, **kw)
+    b = pinned_validation_loss(model, diffusion, imgs[2:], [2, 3, 4], batch_size=2, **kw)
     assert whole["val_loss"] == pytest.approx((2 * a["val_loss"] + 3 * b["val_loss"]) / 5, rel=1e-5)
-    assert E.pinned_validation_loss(model, diffusion, imgs, list(range(5)), **kw) == pytest.approx(whole)
+    assert pinned_validation_loss(model, diffusion, imgs, list(range(5)), **kw) == pytest.approx(whole)
     # Different weights give a different number (the metric is not a constant). The UNet's
     # output conv starts at zero (loss = E[eps^2] for any seed), so perturb every weight.
     other, _ = _tiny_model()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    assert E.pinned_validation_loss(other, diffusion, imgs, list(range(5)), **kw)["val_loss"] != (
+    assert pinned_validation_loss(other, diffusion, imgs, list(range(5)), **kw)["val_loss"] != (
         pytest.approx(whole["val_loss"], rel=1e-3))
 
 
@@ -179,19 +185,19 @@ def test_reference_from_training_shards_is_one_exact_pass_and_cached(run_dir) ->
 
     manifest = run_dir / "shards" / "manifest.json"
     data_cfg = DataConfig(shards=str(manifest), num_workers=2, hflip=True, shuffle_buffer=4)
-    cfg = E.EvalConfig(every_images=8, num_samples=4, steps=2, batch_per_gpu=3)
+    cfg = EvalConfig(every_images=8, num_samples=4, steps=2, batch_per_gpu=3)
     ext = TinyExtractor()
-    ev = E.build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext)
+    ev = build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext)
     cache = run_dir / "shards" / "fid_ref_tiny-test_16.npz"
     try:
         assert cache.is_file() and ev.reference.num_images == 22 and ext.seen == 22
         # Same statistics as every image decoded once (no flips, no repeats, none missed).
-        mu, sigma = M.feature_statistics(ext(_all_shard_images(manifest))["features"])
+        mu, sigma = feature_statistics(ext(_all_shard_images(manifest))["features"])
         np.testing.assert_allclose(ev.reference.mu, mu, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(ev.reference.sigma, sigma, rtol=1e-4, atol=1e-8)
         # The second start reads the cache instead of the shards.
         ext2 = TinyExtractor()
-        ev2 = E.build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext2)
+        ev2 = build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext2)
         assert ext2.seen == 0
         np.testing.assert_array_equal(ev2.reference.sigma, ev.reference.sigma)
         # A changed dataset (different manifest) invalidates the cache.
@@ -199,7 +205,7 @@ def test_reference_from_training_shards_is_one_exact_pass_and_cached(run_dir) ->
         manifest.write_text(man + " ")
         try:
             ext3 = TinyExtractor()
-            E.build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext3)
+            build_evaluator(cfg, data_cfg=data_cfg, image_size=16, feature_extractor=ext3)
             assert ext3.seen == 22
         finally:
             manifest.write_text(man)
@@ -221,7 +227,7 @@ def _chunks(out: Path) -> dict[str, int]:
 
 def test_standalone_writes_adm_npz_and_report(run_dir, tmp_path, capsys) -> None:
     out = tmp_path / "eval"
-    report = E.run_standalone(E.parse_args(_cli_args(run_dir, out, 5)))
+    report = run_standalone(parse_args(_cli_args(run_dir, out, 5)))
     npz = out / "samples_5x16x16x3.npz"
     with np.load(npz) as z:
         arr = z["arr_0"]
@@ -236,31 +242,31 @@ def test_standalone_writes_adm_npz_and_report(run_dir, tmp_path, capsys) -> None
     from trainer.checkpoint import load_for_inference
 
     model, diffusion, _ = load_for_inference(run_dir)
-    direct = E.sample_images(model, diffusion, [3, 4], seed=0, image_size=16, sampler="ddim", steps=3)
+    direct = sample_images(model, diffusion, [3, 4], seed=0, image_size=16, sampler="ddim", steps=3)
     np.testing.assert_array_equal(arr[3:5], direct.permute(0, 2, 3, 1).numpy())
 
 
 def test_standalone_resumes_and_keeps_written_samples(run_dir, tmp_path) -> None:
     out = tmp_path / "eval"
-    E.run_standalone(E.parse_args(_cli_args(run_dir, out, 4)))
+    run_standalone(parse_args(_cli_args(run_dir, out, 4)))
     before = _chunks(out)
     assert list(before) == ["chunk_00000000_00000002.npz", "chunk_00000002_00000004.npz"]
     # A crash mid-write leaves a temporary file and a truncated chunk: neither counts as done.
     (out / "samples" / "chunk_00000004_00000006.npz.tmp123").write_bytes(b"partial")
     (out / "samples" / "chunk_00000004_00000006.npz").write_bytes(b"PK\x03\x04truncated")
-    report = E.run_standalone(E.parse_args(_cli_args(run_dir, out, 7)))
+    report = run_standalone(parse_args(_cli_args(run_dir, out, 7)))
     after = _chunks(out)
     assert {k: after[k] for k in before} == before  # kept, not rewritten
     assert set(after) == set(before) | {"chunk_00000004_00000006.npz", "chunk_00000006_00000007.npz"}
     # The resumed result equals a fresh run of 7.
     fresh = tmp_path / "fresh"
-    fresh_report = E.run_standalone(E.parse_args(_cli_args(run_dir, fresh, 7)))
+    fresh_report = run_standalone(parse_args(_cli_args(run_dir, fresh, 7)))
     with np.load(out / "samples_7x16x16x3.npz") as a, np.load(fresh / "samples_7x16x16x3.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     assert report["metrics"]["fid"] == pytest.approx(fresh_report["metrics"]["fid"], rel=1e-6)
     # Other sampling settings on the same folder would mix protocols: refused.
-    with pytest.raises(SystemExit, match="other settings"):
-        E.run_standalone(E.parse_args(_cli_args(run_dir, out, 7) + ["--seed", "1"]))
+    with pytest.raises(ProtocolMismatchError, match="other settings"):
+        run_standalone(parse_args(_cli_args(run_dir, out, 7) + ["--seed", "1"]))
 
 
 def _free_port() -> int:
@@ -276,8 +282,8 @@ def test_two_ranks_give_the_same_images_and_metrics(run_dir, tmp_path) -> None:
     args = lambda out: [a for a in _cli_args(run_dir, out, 6) if a not in ("--reference", str(run_dir / "ref.npz"))]  # noqa: E731
     cache.unlink(missing_ok=True)
     one = tmp_path / "one"
-    rep1 = E.run_standalone(E.parse_args(args(one)))
-    ref1 = M.ReferenceStats.load(cache)
+    rep1 = run_standalone(parse_args(args(one)))
+    ref1 = ReferenceStats.load(cache)
     cache.unlink()
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -286,7 +292,7 @@ def test_two_ranks_give_the_same_images_and_metrics(run_dir, tmp_path) -> None:
     try:
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        ref2 = M.ReferenceStats.load(cache)
+        ref2 = ReferenceStats.load(cache)
     finally:
         cache.unlink(missing_ok=True)
     with np.load(one / "samples_6x16x16x3.npz") as a, np.load(two / "samples_6x16x16x3.npz") as b:
@@ -322,7 +328,7 @@ def test_tiny_run_end_to_end_in_training_and_standalone_agree(tmp_path) -> None:
     assert (run / "checkpoints" / "best-fid.pt").exists()
     assert (shards / "fid_ref_tests.integration.test_evaluate-tiny_extractor_16.npz").is_file()
     # The standalone CLI with the same protocol on the final checkpoint reproduces the number.
-    report = E.run_standalone(E.parse_args([
+    report = run_standalone(parse_args([
         "--checkpoint", str(run / "checkpoints" / "ckpt-000000000320.pt"), "--out", str(tmp_path / "ev"),
         "--num-samples", "4", "--sampler", "ddim", "--steps", "2", "--batch-per-gpu", "2",
         "--feature-extractor", "tests.integration.test_evaluate:tiny_extractor", "--metrics", "fid",
@@ -340,15 +346,15 @@ def test_evaluator_on_gpu(tmp_path) -> None:
     model, diffusion = model.to(dev), diffusion.to(dev)
     ref = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "ref.npz", arr_0=ref)
-    cfg = E.EvalConfig(every_images=8, num_samples=6, steps=3, batch_per_gpu=4, metrics=("fid", "kid"),
+    cfg = EvalConfig(every_images=8, num_samples=6, steps=3, batch_per_gpu=4, metrics=("fid", "kid"),
                        reference=str(tmp_path / "ref.npz"))
-    ev = E.build_evaluator(cfg, image_size=16, device=dev, feature_extractor=TinyExtractor().to(dev))
+    ev = build_evaluator(cfg, image_size=16, device=dev, feature_extractor=TinyExtractor().to(dev))
     first, again = ev.evaluate(model, diffusion, 0), ev.evaluate(model, diffusion, 8)
     assert np.isfinite(first["fid"]) and again["fid"] == pytest.approx(first["fid"], rel=1e-6)
     # CUDA generators draw other noise than CPU ones, so recount these very images on the CPU.
-    imgs = E.sample_images(model, diffusion, list(range(6)), seed=0, image_size=16, sampler="ddim",
+    imgs = sample_images(model, diffusion, list(range(6)), seed=0, image_size=16, sampler="ddim",
                            steps=3, device=dev).cpu()
     ext = TinyExtractor()
-    cpu_ref = M.reference_from_images(ref, ext, "cpu")
-    expected = M.compute_metrics({"features": ext(imgs)["features"]}, cpu_ref, ("fid",))["fid"]
+    cpu_ref = reference_from_images(ref, ext, "cpu")
+    expected = compute_metrics({"features": ext(imgs)["features"]}, cpu_ref, ("fid",))["fid"]
     assert first["fid"] == pytest.approx(expected, rel=1e-3)

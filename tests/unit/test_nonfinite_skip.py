@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer.build import build_optimizer
 from trainer.config import load_config
-from trainer.loop import StepStats, build_optimizer
+from trainer.step import StepStats
 
 
 def test_fused_adamw_skips_the_step_when_found_inf() -> None:

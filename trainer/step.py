@@ -1,0 +1,151 @@
+"""The training step: one micro-batch's loss and backward, the optimizer step, and the device-side
+statistics between log steps (no host sync inside the step).
+
+All randomness of a step derives from (seed, rank, nimg, micro-step), so a resumed run draws
+exactly what an uninterrupted one would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import resource
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.diffusion import drop_labels
+from trainer import distributed as du
+from trainer.config import Config
+
+
+def seed_for(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of values (stable across processes and runs)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def lr_at(cfg: Config, nimg: int) -> float:
+    """Linear warm-up over train.warmup_images, then constant (DDPM)."""
+    w = cfg.train.warmup_images
+    return cfg.train.lr * min(1.0, (nimg + cfg.train.batch_size) / w) if w > 0 else cfg.train.lr
+
+
+
+
+def forward_backward(train_model: nn.Module, diffusion, batch: dict[str, torch.Tensor], cfg: Config,
+                     device: torch.device, gen: torch.Generator, amp_dtype: torch.dtype | None, *, seed: int,
+                     scale: float = 1.0, sync_grads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: uint8 -> [-1, 1] on the device, draw (t, eps), loss (eq. 14), backward.
+
+    Returns the per-sample losses (b,) and their timesteps (b,), still on the device.
+    """
+    x = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W) uint8, pinned by the loader
+    x0 = x.float().div_(127.5).sub_(1.0)  # [-1, 1]
+    if cfg.train.channels_last and device.type == "cuda":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    gen.manual_seed(seed)
+    torch.manual_seed(seed ^ 0x5DEECE66D)  # dropout draws
+    T = diffusion.num_timesteps
+    t = torch.randint(0, T, (x0.shape[0],), generator=gen, device=device)  # t ~ U{1..T}, 0-indexed
+    noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)  # eps ~ N(0, I)
+    y = None
+    if cfg.model.num_classes > 0:
+        y = drop_labels(batch["label"].to(device, non_blocking=True), cfg.train.label_dropout, gen)
+    # no_sync: accumulate locally, all-reduce only on the last micro-batch
+    sync_ctx = contextlib.nullcontext() if sync_grads or not hasattr(train_model, "no_sync") else train_model.no_sync()
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with sync_ctx:
+        with amp:
+            losses = diffusion.training_losses(train_model, x0, t, noise, y=y)  # (b,)
+        (losses.float().mean() * scale).backward()
+    return losses.detach(), t
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, fused: bool,
+                   grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip, then AdamW; a non-finite gradient skips the update. Returns (grad norm, found_inf) on the device."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else float("inf"), foreach=True
+    )
+    found_inf = (~torch.isfinite(grad_norm)).float()  # a non-finite loss makes the norm non-finite
+    if fused:
+        # The fused AdamW kernel skips the update (and un-counts the step) when
+        # found_inf is 1, on the device: the GradScaler protocol, without a sync.
+        optimizer.found_inf = found_inf
+        optimizer.grad_scale = None
+        optimizer.step()
+    elif not bool(found_inf.item()):  # non-fused fallback: one sync per step
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, found_inf
+
+
+class StepStats:
+    """Device-side accumulators between log steps: no host sync inside the step."""
+
+    def __init__(self, device: torch.device, num_timesteps: int) -> None:
+        self.device = device
+        self.T = num_timesteps
+        self.nonfinite_run = torch.zeros((), device=device)  # carries over log intervals
+        self.first_bad_step = torch.full((), -1.0, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the per-interval sums."""
+        z = lambda n: torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
+        self.loss_sum, self.count = z(()), z(())
+        self.q_sum, self.q_count = z(4), z(4)
+        self.gnorm_sum, self.steps, self.skipped = z(()), z(()), z(())
+        self.max_run = torch.zeros((), device=self.device)
+
+    def add_losses(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """Per-sample losses (B,) with their timesteps (B,)."""
+        losses = losses.detach().double()
+        ok = torch.isfinite(losses)
+        safe = torch.where(ok, losses, 0.0)
+        self.loss_sum += safe.sum()
+        self.count += ok.sum()
+        q = (t * 4 // self.T).clamp(0, 3)  # timestep quartile
+        self.q_sum.index_add_(0, q, safe)
+        self.q_count.index_add_(0, q, ok.double())
+
+    def add_step(self, grad_norm: torch.Tensor, found_inf: torch.Tensor, step: int, max_run: int) -> None:
+        """Grad norm and the non-finite bookkeeping of one optimizer step."""
+        finite = 1.0 - found_inf
+        self.gnorm_sum += torch.nan_to_num(grad_norm.double(), nan=0.0, posinf=0.0) * finite
+        self.steps += finite.double()
+        self.skipped += found_inf.double()
+        self.nonfinite_run = (self.nonfinite_run + found_inf) * found_inf
+        hit = (self.nonfinite_run >= max_run) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(hit, float(step), self.first_bad_step)
+        self.max_run = torch.maximum(self.max_run, self.nonfinite_run)
+
+    def reduce(self, bad_samples: float = 0.0) -> dict[str, float]:
+        """All-reduce over ranks (one collective, with the loader's bad-sample count) and move to the
+        host: the one sync point, on log steps."""
+        vec = torch.cat([
+            self.loss_sum.view(1), self.count.view(1), self.q_sum, self.q_count,
+            self.gnorm_sum.view(1), self.steps.view(1), self.skipped.view(1),
+            torch.tensor([float(bad_samples)], dtype=torch.float64, device=self.device),
+        ])
+        du.all_reduce_sum(vec)
+        v = vec.tolist()
+        world = du.get_world_size()
+        out = {
+            "train/loss": v[0] / v[1] if v[1] else float("nan"),
+            "train/grad_norm": v[10] / v[11] if v[11] else float("nan"),
+            "train/skipped_steps_interval": v[12] / world,  # identical on every rank (grads are all-reduced)
+            "data/bad_samples": v[13],
+        }
+        for i in range(4):
+            out[f"loss_by_t/q{i}"] = v[2 + i] / v[6 + i] if v[6 + i] else float("nan")
+        return out
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
