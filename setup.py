@@ -30,7 +30,8 @@ setup(
         "lsun": ["lmdb>=1.4"],
         "ffcv": ["ffcv>=1.0.2"],
         "diffusers": ["diffusers>=0.30"],
-        "test": ["pytest>=8.0", "ruff>=0.6", "diffusers>=0.30", "lmdb>=1.4"],
+        "parquet": ["pyarrow>=14"],  # ddpm-prepare from parquet files (dataset hubs)
+        "test": ["pytest>=8.0", "ruff>=0.6", "diffusers>=0.30", "lmdb>=1.4", "pyarrow>=14"],
     },
     entry_points={
         "console_scripts": [

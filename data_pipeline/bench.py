@@ -1,6 +1,7 @@
-"""Loader throughput benchmark: our loader vs the raw decode ceiling vs the usual webdataset recipe.
+"""Loader throughput benchmark: our loader vs the raw decode ceiling vs webdataset's own pipeline.
 
 python -m data_pipeline.bench [--shards DIR|manifest|pattern] --workers N --batch B --seconds S
+python -m data_pipeline.bench --varied [--size 64] [--images 640]
 
 Without --shards it generates 256x256 JPEG q95 shards (textured synthetic images, about the
 size of natural photos) through the real prepare path. Prints medians over --repeats:
@@ -9,6 +10,15 @@ size of natural photos) through the real prepare path. Prints medians over --rep
   loader    data_pipeline's loader, N workers, uint8 batches, flips on: total and per worker
   recipe    wds.WebDataset(...).decode("pil") + torchvision flip/ToTensor/Normalize to [-1, 1], N workers
   memory    the memory backend on 32x32 uint8 data (50,000 images, CPU)
+
+--varied: 20 manifest-less shards written by webdataset's ShardWriter, JPEGs of 200 to 640 px in
+any aspect ratio (as img2dataset writes them), brought to --size px by
+  ceiling   one process: decode only, and decode + resize_crop (the loader's per-image work)
+  loader    our loader's online resize + center crop, flips, uint8 batches, N workers
+  webdataset  wds.WebDataset(...).decode("pil") + Resize(bicubic, antialias) + CenterCrop + flip
+            + PILToTensor, batched by the DataLoader into uint8: the same work, N workers
+and the start-up cost on those shards: build_loader's wall time and bytes read (no manifest), and
+what counting their samples costs (tar headers only).
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.loader import build_loader, decode_image
+from data_pipeline.images import decode_image, resize_crop
+from data_pipeline.loader import build_loader
 from data_pipeline.shards import image_part, iter_tar, resolve_shards
 
 
@@ -140,6 +151,147 @@ def memory_rate(seconds: float, batch: int) -> tuple[float, float]:
     return stream_rate(lo, seconds)
 
 
+def make_varied_shards(out_dir: Path, num_images: int, num_shards: int = 20) -> list[str]:
+    """ShardWriter shards (no manifest) of noisy JPEG q90 photos-alike, 200-640 px, any aspect."""
+    import webdataset as wds
+    from PIL import Image
+
+    from data_pipeline.synthetic import synthetic_image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    per = max(1, num_images // num_shards)
+    with wds.ShardWriter(str(out_dir / "img-%04d.tar"), maxcount=per, verbose=0) as sink:
+        for i in range(per * num_shards):
+            w, h = (int(x) for x in rng.integers(200, 641, size=2))
+            base = np.asarray(synthetic_image(rng, max(w, h)).resize((w, h))).astype(np.int16)
+            noisy = (base + rng.integers(-20, 21, base.shape)).clip(0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(noisy).save(buf, format="JPEG", quality=90)
+            sink.write({"__key__": f"{'ab'[i % 2]}/{i:06d}", "jpg": buf.getvalue(), "cls": i % 10})
+    return sorted(str(p) for p in out_dir.glob("*.tar"))
+
+
+def rchar() -> int:
+    """Bytes this process has read through read() calls (Linux /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def startup_cost(spec: str, size: int, world: int, workers: int) -> dict[str, float]:
+    """build_loader on manifest-less shards: seconds and bytes read; then counting their samples."""
+    cfg = DataConfig(shards=spec, image_size=size, num_workers=workers)
+    resolve_shards(spec)  # imports and the directory listing warm, as on a real start-up
+    b0, t0 = rchar(), time.perf_counter()
+    lo = build_loader(cfg, batch_size=8, rank=0, world_size=world, seed=0)
+    t1, b1 = time.perf_counter(), rchar()
+    n = lo.num_samples  # what evaluation asks for: tar headers only
+    t2, b2 = time.perf_counter(), rchar()
+    return {"s": t1 - t0, "bytes": b1 - b0, "count_s": t2 - t1, "count_bytes": b2 - b1, "n": n}
+
+
+def wds_resize_pipeline(urls: list[str], size: int, workers: int, batch: int):
+    """webdataset's own pipeline doing the loader's work: decode, resize, center-crop, flip, uint8."""
+    import torchvision.transforms as T
+    import webdataset as wds
+
+    tf = T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(size),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),  # (3, S, S) uint8: the DataLoader stacks them into a uint8 batch
+        ]
+    )
+    ds = (
+        wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
+        .repeat()
+        .decode("pil")
+        .to_tuple("jpg")
+        .map_tuple(tf)
+    )
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+
+
+def varied_main(args: argparse.Namespace) -> int:
+    """--varied: online resize + crop of varied JPEGs, ours vs webdataset's, and start-up cost."""
+    import logging
+
+    # 200-640 px sources for a 256px target upscale some images; the loader's warnings about it
+    # would interleave with the figures.
+    logging.getLogger("ddpm.data").setLevel(logging.ERROR)
+    tmp = tempfile.TemporaryDirectory(prefix="ddpm-bench-varied-")
+    urls = make_varied_shards(Path(tmp.name) / "shards", args.images)
+    spec = str(Path(tmp.name) / "shards")
+    med = statistics.median
+    size = args.size
+    datas = []
+    for url in urls[:4]:
+        datas += [image_part(p)[1] for _, p in iter_tar(url, lambda *a: None)]
+    datas = datas[:128]
+
+    def dec() -> int:
+        for d in datas:
+            decode_image(d)
+        return len(datas)
+
+    def dec_resize() -> int:
+        for d in datas:
+            resize_crop(decode_image(d), size)
+        return len(datas)
+
+    torch.set_num_threads(1)
+    cd = [rate(dec, args.seconds) for _ in range(args.repeats)]
+    cr = [rate(dec_resize, args.seconds) for _ in range(args.repeats)]
+    ceil_dec, ceil_dec_cpu = med(x[0] for x in cd), med(x[1] for x in cd)
+    ceil_rc, ceil_rc_cpu = med(x[0] for x in cr), med(x[1] for x in cr)
+    cfg = DataConfig(shards=spec, image_size=size, num_workers=args.workers, prefetch_factor=4)
+    ours, theirs = [], []
+    for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        lo = build_loader(cfg, batch_size=args.batch, rank=0, world_size=1, seed=0)
+        ours.append(stream_rate(lo, args.seconds))
+        lo.close()
+        theirs.append(
+            stream_rate(wds_resize_pipeline(urls, size, args.workers, args.batch), args.seconds)
+        )
+    start = [startup_cost(spec, size, 8, 2) for _ in range(args.repeats)]
+    w = max(1, args.workers)
+    o, t = med(r[0] for r in ours), med(r[0] for r in theirs)
+    oc, tc = med(r[1] for r in ours), med(r[1] for r in theirs)
+    total = sum(os.path.getsize(u) for u in urls)
+    print(
+        f"shards: {len(urls)} ShardWriter shards, no manifest, {total / 2**20:.1f} MiB, "
+        f"JPEG q90 200-640 px -> {size}px"
+    )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"ceiling (1 process): decode {ceil_dec:6.0f} img/s wall, {ceil_dec_cpu:6.0f} per CPU-s; "
+        f"decode + resize_crop {ceil_rc:6.0f} img/s wall, {ceil_rc_cpu:6.0f} per CPU-s"
+    )
+    for name, wall, cpu in (("loader    ", o, oc), ("webdataset", t, tc)):
+        print(
+            f"{name} {w} workers: {wall:6.0f} img/s total, {wall / w:6.0f} per worker (wall) = "
+            f"{wall / w / ceil_dec:4.0%} of the decode ceiling; {cpu:6.0f} img per worker CPU-s = "
+            f"{cpu / ceil_dec_cpu:4.0%} of decode, {cpu / ceil_rc_cpu:4.0%} of decode + resize_crop"
+        )
+    print(f"loader / webdataset: {o / t:4.2f}x (wall), {oc / tc:4.2f}x (CPU)")
+    print(
+        "runs (img/s wall): loader "
+        + ", ".join(f"{x[0]:.0f}" for x in ours)
+        + " | webdataset "
+        + ", ".join(f"{x[0]:.0f}" for x in theirs)
+    )
+    print(
+        f"start-up, 8 ranks x 2 workers on {len(urls)} manifest-less shards: "
+        f"{med(x['s'] for x in start) * 1e3:.1f} ms, {med(x['bytes'] for x in start):.0f} bytes read; "
+        f"counting {start[0]['n']} samples (tar headers only): "
+        f"{med(x['count_s'] for x in start) * 1e3:.1f} ms, {med(x['count_bytes'] for x in start):.0f} "
+        f"bytes of {total}"
+    )
+    tmp.cleanup()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -149,8 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--repeats", type=int, default=3, help="repeats (median reported)")
     p.add_argument("--images", type=int, default=1024, help="generated images (without --shards)")
-    p.add_argument("--size", type=int, default=256, help="generated image size")
+    p.add_argument("--size", type=int, default=256, help="generated image size (--varied: target)")
+    p.add_argument(
+        "--varied", action="store_true", help="varied-size JPEG shards, online resize + crop"
+    )
     args = p.parse_args(argv)
+    if args.varied:
+        return varied_main(args)
 
     tmp = None
     spec = args.shards

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BACKENDS = ("webdataset", "ffcv", "memory")
+CROPS = ("center", "random", "none")
+ON_DATA_CHANGE = ("restart_epoch", "error")
 
 
 @dataclass
@@ -17,12 +19,23 @@ class DataConfig:
     shards: str = field(
         default="",
         metadata={
-            "help": "manifest.json, a folder holding one, a brace pattern, pipe:CMD, http(s)://...; "
-            "ffcv: a .beton path"
+            "help": "manifest.json, a folder of .tar shards (with or without a manifest), a brace "
+            "pattern, pipe:CMD, http(s)://...; ffcv: a .beton path"
         },
     )
     image_size: int = field(
-        default=0, metadata={"help": "0: take it from the manifest; else checked against it"}
+        default=0,
+        metadata={
+            "help": "side of the yielded images (= model.image_size); 0: the manifest's, else the "
+            "first image's"
+        },
+    )
+    crop: str = field(
+        default="center",
+        metadata={
+            "help": "images of another size are resized (shorter side, antialiased) in the loader "
+            "workers, then cropped: center (DDPM/ADM) | random | none (they are bad samples)"
+        },
     )
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips (seeded)"})
@@ -44,6 +57,24 @@ class DataConfig:
     use_labels: bool = field(
         default=False, metadata={"help": "yield class labels from the shards (class-conditional)"}
     )
+    labels_from: str = field(
+        default="cls",
+        metadata={"help": "label source: cls (the .cls part) | json:FIELD (an int field of .json)"},
+    )
+    num_classes: int = field(
+        default=0,
+        metadata={
+            "help": "labels must lie in [0, num_classes) (= model.num_classes); 0: the manifest's "
+            "class count"
+        },
+    )
+    on_data_change: str = field(
+        default="restart_epoch",
+        metadata={
+            "help": "resuming after the shard list changed: restart_epoch (next epoch, fresh "
+            "shard order) | error"
+        },
+    )
     synthetic_images: int = field(
         default=0,
         metadata={"help": "> 0: generate this many synthetic images into `shards` if missing"},
@@ -61,6 +92,20 @@ class DataConfig:
             raise ValueError(f"data.backend must be one of {BACKENDS}, got {self.backend!r}")
         if not self.shards:
             raise ValueError("data.shards is empty: give a manifest, folder, pattern or URL")
+        if self.crop not in CROPS:
+            raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
+        if self.on_data_change not in ON_DATA_CHANGE:
+            raise ValueError(
+                f"data.on_data_change must be one of {ON_DATA_CHANGE}, got {self.on_data_change!r}"
+            )
+        if self.labels_from != "cls" and not (
+            self.labels_from.startswith("json:") and len(self.labels_from) > 5
+        ):
+            raise ValueError(
+                f"data.labels_from must be cls or json:FIELD (e.g. json:label), got {self.labels_from!r}"
+            )
+        if self.num_classes < 0:
+            raise ValueError(f"data.num_classes must be >= 0, got {self.num_classes}")
         if self.image_size < 0:
             raise ValueError(f"data.image_size must be >= 0, got {self.image_size}")
         if self.num_workers < 0:

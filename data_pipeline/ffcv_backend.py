@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from data_pipeline.config import DataConfig
-from data_pipeline.shards import IMAGE_EXTS, resolve_shards
+from data_pipeline.images import IMAGE_EXTS, decode_image
+from data_pipeline.shards import resolve_shards, sample_key
 
 
 class TarIndex:
@@ -38,10 +39,12 @@ class TarIndex:
                 labels: dict[str, int] = {}
                 images: list[tuple[str, int, int]] = []
                 for m in tar.getmembers():
-                    key, _, ext = m.name.rpartition("/")[2].partition(".")
+                    key, ext = sample_key(m.name)  # webdataset's keys, as the loaders read them
+                    if key is None:
+                        continue
                     if ext == "cls":
                         labels[key] = int(tar.extractfile(m).read())
-                    elif ext.lower() in IMAGE_EXTS:
+                    elif ext in IMAGE_EXTS:
                         images.append((key, m.offset_data, m.size))
             self.entries += [
                 (url, off, size, labels.get(k, 0) if use_labels else 0) for k, off, size in images
@@ -51,15 +54,11 @@ class TarIndex:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        from PIL import Image
-
         path, off, size, label = self.entries[i]
         with open(path, "rb") as f:
             f.seek(off)
             data = f.read(size)
-        import io
-
-        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, W, 3) uint8
+        img = decode_image(data).permute(1, 2, 0).numpy()  # (H, W, 3) uint8, the shared decode
         return img, label
 
 

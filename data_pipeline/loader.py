@@ -29,6 +29,15 @@ Guarantees:
   partly read shard per old worker, which restarts from its beginning) are dealt over the new
   workers; then epoch e + 1 starts normally with the new layout. Samples that workers already
   ahead in e + 1 had read are read again in e + 1.
+* The shard list changed since the state was saved (re-prepared data, shards added or removed:
+  another fingerprint of names and manifest checksums): with data.on_data_change=restart_epoch
+  (the default) every worker starts epoch E + 1 (E: the furthest epoch of the state) under that
+  epoch's fresh shard order over the new list, and rank 0 logs one line saying so; the rest of
+  epoch E is not read. With data.on_data_change=error, load_state_dict raises ValueError.
+
+Preprocessing (data_pipeline.dataset.SampleDecoder): an image already at data.image_size is only
+decoded; any other is resized (shorter side, antialiased) and cropped in the worker, with the
+crop position drawn from the same seeded rng as the flips when data.crop=random.
 """
 
 from __future__ import annotations
@@ -46,11 +55,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
-from data_pipeline.shards import ShardSet, image_part, iter_tar, resolve_shards, shuffled
+from data_pipeline.dataset import Dataset, SampleDecoder, open_dataset
+from data_pipeline.images import decode_image
+from data_pipeline.shards import ShardSet, iter_tar, shuffled
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ddpm.data")  # under the trainer's "ddpm" logger: rank logs get it
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+__all__ = ["Loader", "ReshardNeeded", "build_loader", "decode_image", "worker_shards"]
+
+
+class ReshardNeeded(ValueError):
+    """A state saved with another world size or worker count: pass {"resharded_from": states}."""
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, override: dict | None) -> list[int]:
@@ -69,46 +85,31 @@ def worker_shards(
     return shard_order(num_shards, seed, epoch, override)[g::total_workers]
 
 
-# torchvision marks its image codecs deprecated in favour of torchcodec, yet decode_jpeg is still
-# the fastest libjpeg-turbo path measured here; frombuffer warns on read-only bytes we never write.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-
-def decode_image(data: bytes, ext: str) -> Tensor:
-    """(3, H, W) uint8 from encoded bytes: libjpeg-turbo for JPEG, libpng etc. otherwise."""
-    import torchvision.io as tio
-
-    raw = torch.frombuffer(data, dtype=torch.uint8)  # zero-copy view; the decoders only read it
-    if ext in ("jpg", "jpeg"):
-        return tio.decode_jpeg(raw, mode=tio.ImageReadMode.RGB)
-    return tio.decode_image(raw, mode=tio.ImageReadMode.RGB)
-
-
 class ShardStream(IterableDataset):
     """Per-worker endless stream of collated uint8 batches with cursors attached."""
 
     def __init__(
         self,
-        shards: ShardSet,
+        data: Dataset,
         cfg: DataConfig,
         *,
         batch_size: int,
         rank: int,
         world_size: int,
         seed: int,
-        image_size: int,
         ship_bytes: bool,
     ) -> None:
         super().__init__()
-        self.urls, self.counts = shards.urls, shards.counts
+        self.urls = data.shards.urls
         self.cfg = cfg
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.image_size = image_size
+        self.image_size = data.image_size
+        self.decoder = SampleDecoder(cfg, data.image_size, data.num_classes)
         self.ship_bytes = ship_bytes
         self.num_workers = max(1, cfg.num_workers)
         self.cursors: list[list[int]] = [[0, 0, 0] for _ in range(self.num_workers)]
-        self.counters: list[list[int]] = [[0, 0] for _ in range(self.num_workers)]  # bad, seen
+        # bad, seen, upscaled
+        self.counters: list[list[int]] = [[0, 0, 0] for _ in range(self.num_workers)]
         self.override: dict | None = None
         self.worker_offset = 0  # logical worker of DataLoader worker 0 (resume: the next one due)
         self._ring: list[Tensor] = []  # a worker's shared-memory batch buffers (_new_batch)
@@ -141,22 +142,27 @@ class ShardStream(IterableDataset):
         i = self._ring_next
         self._ring_next = (i + 1) % (self.cfg.prefetch_factor + 2)
         if i == len(self._ring):
-            self._ring.append(torch.empty(shape, dtype=torch.uint8, memory_format=fmt).share_memory_())
+            self._ring.append(
+                torch.empty(shape, dtype=torch.uint8, memory_format=fmt).share_memory_()
+            )
         return self._ring[i]
 
     def _batches(self, w: int) -> Iterator[dict[str, Any]]:
         g = self.rank * self.num_workers + w
         total = self.world_size * self.num_workers
         epoch, pos, offset = self.cursors[w]
-        bad, seen = self.counters[w]
+        bad, seen, upscaled = (list(self.counters[w]) + [0])[:3]
         images, encoded, flips, labels = self._new_batch(), [], [], []
-        last_bad = ""
+        last_bad, shard_bad = "", 0
+        random_crop = self.cfg.crop == "random"
 
         def on_error(url: str, key: str, reason: str) -> None:
-            nonlocal bad, last_bad
+            nonlocal bad, last_bad, shard_bad
             bad += 1
+            shard_bad += 1
             last_bad = f"key {key} in shard {url}: {reason}"
-            log.warning("bad sample: %s", last_bad)
+            if shard_bad <= 3:  # a shard of bad samples logs 3 lines and a count, not thousands
+                log.warning("bad sample: %s", last_bad)
 
         while True:
             order = worker_shards(len(self.urls), self.seed, epoch, g, total, self.override)
@@ -165,17 +171,18 @@ class ShardStream(IterableDataset):
                 url = self.urls[sid]
                 rng = random.Random(f"ddpm-scale-samples-{self.seed}-{epoch}-{sid}")
                 raw = iter_tar(url, on_error)
-                for i, (key, parts, flip) in enumerate(
-                    shuffled(raw, rng, self.cfg.shuffle_buffer, self.cfg.hflip)
+                shard_bad = 0
+                for i, (key, parts, flip, crop_pos) in enumerate(
+                    shuffled(raw, rng, self.cfg.shuffle_buffer, self.cfg.hflip, random_crop)
                 ):
                     if i < offset:
                         continue  # resume: skip raw samples, never decode them
                     offset = i + 1
                     seen += 1
                     try:
-                        img, label = self._sample(parts)
+                        img, label, up = self._sample(parts, crop_pos)
                     except Exception as e:  # any decode failure is one bad sample, never a crash
-                        on_error(url, key, f"{type(e).__name__}: {e}")
+                        on_error(url, key, str(e) if isinstance(e, ValueError) else repr(e))
                         img = None
                     if bad > self.cfg.max_bad_fraction * max(seen, self.cfg.bad_min_samples):
                         raise RuntimeError(
@@ -184,6 +191,19 @@ class ShardStream(IterableDataset):
                         )
                     if img is None:
                         continue
+                    if up:
+                        upscaled += 1
+                        if upscaled in (1, 10, 100, 1000) or upscaled % 10000 == 0:
+                            log.warning(
+                                "upscaled %d images smaller than %dpx so far on rank %d worker %d "
+                                "(latest: key %s in shard %s); counted in the loader stats (upscaled_samples)",
+                                upscaled,
+                                self.image_size,
+                                self.rank,
+                                w,
+                                key,
+                                url,
+                            )
                     n = len(labels)
                     if images is None:
                         encoded.append(img)
@@ -194,42 +214,38 @@ class ShardStream(IterableDataset):
                     flips.append(flip)
                     labels.append(label)
                     if n + 1 == self.batch_size:
-                        cursor = (epoch, pos, offset)
-                        yield self._emit(images, encoded, flips, labels, w, cursor, bad, seen)
+                        meta = {
+                            "worker": w,
+                            "cursor": [epoch, pos, offset],
+                            "counters": [bad, seen, upscaled],
+                        }
+                        yield self._emit(images, encoded, flips, labels, meta)
                         images, encoded, flips, labels = self._new_batch(), [], [], []
+                if shard_bad > 3:
+                    log.warning(
+                        "%d more bad samples in shard %s; last: %s", shard_bad - 3, url, last_bad
+                    )
                 pos, offset = pos + 1, 0
             epoch, pos, offset = epoch + 1, 0, 0
 
-    def _sample(self, parts: dict[str, bytes]) -> tuple[Tensor, int]:
-        """Decoded (3, H, W) uint8 image (or its JPEG bytes with gpu_decode) and label."""
-        found = image_part(parts)
-        if found is None:
-            raise ValueError(f"no image member (has {sorted(parts)})")
-        ext, data = found
-        label = 0
-        if self.cfg.use_labels:
-            if "cls" not in parts:
-                raise ValueError("no .cls member but data.use_labels is on")
-            label = int(parts["cls"])
+    def _sample(self, parts: dict[str, bytes], pos: float | None) -> tuple[Tensor, int, bool]:
+        """Image at image_size (or its JPEG bytes with gpu_decode), label, and whether upscaled."""
         if self.ship_bytes:
+            label = self.decoder.label(parts)
+            ext, data = self.decoder.image_bytes(parts)
             if ext not in ("jpg", "jpeg"):
                 raise ValueError(f"gpu_decode needs JPEG samples, got .{ext}")
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
-        img = decode_image(data, ext)
-        if img.shape != (3, self.image_size, self.image_size):
-            raise ValueError(
-                f"image is {tuple(img.shape)}, expected (3, {self.image_size}, {self.image_size})"
-            )
-        return img, label
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, False
+        return self.decoder(parts, pos)
 
     @staticmethod
-    def _emit(images, encoded, flips, labels, w, cursor, bad, seen) -> dict[str, Any]:
+    def _emit(images, encoded, flips, labels, meta) -> dict[str, Any]:
         batch: dict[str, Any] = {"label": torch.tensor(labels, dtype=torch.int64)}
         if images is not None:
             batch["image"] = images  # (B, 3, H, W) uint8 channels_last, flips already applied
         else:
             batch["jpeg"], batch["flip"] = encoded, torch.tensor(flips, dtype=torch.bool)
-        batch["_meta"] = {"worker": w, "cursor": list(cursor), "bad": bad, "seen": seen}
+        batch["_meta"] = meta
         return batch
 
 
@@ -253,44 +269,50 @@ class Loader:
     def __init__(
         self,
         cfg: DataConfig,
-        shards: ShardSet,
+        data: Dataset,
         *,
         batch_size: int,
         rank: int,
         world_size: int,
         seed: int,
-        image_size: int,
         device: torch.device | None,
     ) -> None:
         self.cfg = cfg
-        self.shards = shards
-        self.image_size = image_size
-        self.num_classes = len(shards.classes)
-        self.num_samples = shards.num_samples
+        self.shards: ShardSet = data.shards
+        self.image_size = data.image_size
+        self.num_classes = data.num_classes
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = device
         cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
         self.gpu_decode = cfg.gpu_decode and cuda
         if cfg.gpu_decode and not self.gpu_decode:
             warnings.warn("data.gpu_decode needs a CUDA device; decoding on the CPU", stacklevel=2)
+        if self.gpu_decode and not data.presized:
+            raise ValueError(
+                f"data.gpu_decode batches whole JPEGs, so the shards must hold {self.image_size}px "
+                "images (a manifest saying so): set data.gpu_decode=false to resize them on the CPU, "
+                f"or prepare them with ddpm-prepare SOURCE OUT_DIR --size {self.image_size}"
+            )
         self.pin = cuda
         self.dataset = ShardStream(
-            shards,
+            data,
             cfg,
             batch_size=batch_size,
             rank=rank,
             world_size=world_size,
             seed=seed,
-            image_size=image_size,
             ship_bytes=self.gpu_decode,
         )
         self.num_workers = max(1, cfg.num_workers)
         self.next_worker = 0
         self._dataloader: DataLoader | None = None
         self._active: Iterator | None = None
-        self._fingerprint = hashlib.sha256(
-            "\n".join(u.rsplit("/", 1)[-1] for u in shards.urls).encode()
-        ).hexdigest()[:16]
+        self._fingerprint = data.shards.fingerprint
+
+    @property
+    def num_samples(self) -> int:
+        """Samples over all shards (without a manifest counted on first use, from tar headers)."""
+        return self.shards.num_samples
 
     # ---- iteration
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
@@ -315,7 +337,7 @@ class Loader:
             w = meta["worker"]
             # The cursor after the last batch *delivered* (not the ones workers prefetched).
             self.dataset.cursors[w] = list(meta["cursor"])
-            self.dataset.counters[w] = [meta["bad"], meta["seen"]]
+            self.dataset.counters[w] = list(meta["counters"])
             self.next_worker = (w + 1) % self.num_workers
             if "jpeg" in batch:
                 batch = self._decode_on_device(batch)
@@ -364,15 +386,21 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         """Restore a cursor (call before iterating); see the module docstring for the guarantees."""
         if "resharded_from" in state:
-            self._reshard(list(state["resharded_from"]))
+            states = list(state["resharded_from"])
+            if not states:
+                raise ValueError("resharded_from holds no states")
+            if self._data_changed(states):
+                return
+            self._reshard(states)
             return
         if state.get("backend") != "webdataset":
             raise ValueError(
                 f"loader state is for backend {state.get('backend')!r}, not webdataset"
             )
-        self._check_same_data(state)
+        if self._data_changed([state]):
+            return
         if (state["world_size"], state["num_workers"]) != (self.world_size, self.num_workers):
-            raise ValueError(
+            raise ReshardNeeded(
                 f"loader state was saved with world_size={state['world_size']} and "
                 f"num_workers={state['num_workers']}, now {self.world_size} and {self.num_workers}: "
                 "pass {'resharded_from': [every old rank's state]}"
@@ -380,27 +408,50 @@ class Loader:
         if state["rank"] != self.rank:
             raise ValueError(f"loader state of rank {state['rank']} given to rank {self.rank}")
         self.dataset.cursors = [list(c) for c in state["cursors"]]
-        self.dataset.counters = [list(c) for c in state["counters"]]
+        self.dataset.counters = [(list(c) + [0])[:3] for c in state["counters"]]
         self.dataset.override = state["override"]
         self.next_worker = int(state["next_worker"])
 
-    def _check_same_data(self, state: dict) -> None:
-        if (
-            state["num_shards"] != len(self.shards.urls)
-            or state["shards_fingerprint"] != self._fingerprint
-        ):
+    def _data_changed(self, states: list[dict]) -> bool:
+        """Check seed and data; on a changed shard list apply data.on_data_change (True: handled)."""
+        for st in states:
+            if st.get("backend") != "webdataset":
+                raise ValueError(
+                    f"loader state is for backend {st.get('backend')!r}, not webdataset"
+                )
+            if st["seed"] != self.seed:
+                raise ValueError(f"loader state was saved with seed {st['seed']}, now {self.seed}")
+        old = states[0]
+        fingerprint = self._fingerprint
+        if old.get("version", 1) < 2:  # version 1 fingerprinted the shard names only
+            names = "\n".join(u.rsplit("/", 1)[-1] for u in self.shards.urls)
+            fingerprint = hashlib.sha256(names.encode()).hexdigest()[:16]
+        if (old["num_shards"], old["shards_fingerprint"]) == (len(self.shards.urls), fingerprint):
+            return False
+        change = f"{old['num_shards']} -> {len(self.shards.urls)} shards"
+        if old["num_shards"] == len(self.shards.urls):
+            change = f"{len(self.shards.urls)} shards, other names or contents"
+        if self.cfg.on_data_change == "error":
             raise ValueError(
-                "loader state belongs to a different shard list; cannot resume its cursor"
+                f"the shard list changed since the checkpoint ({change}) and "
+                "data.on_data_change=error: set data.on_data_change=restart_epoch to continue with "
+                "a fresh epoch, or point data.shards at the data this run started with"
             )
-        if state["seed"] != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, now {self.seed}")
+        epoch = max(c[0] for st in states for c in st["cursors"]) + 1
+        self.dataset.cursors = [[epoch, 0, 0] for _ in range(self.num_workers)]
+        self.dataset.override = None
+        self.next_worker = 0
+        if self.rank == 0:
+            log.warning(
+                "data: the shard list changed since the checkpoint (%s): the loader starts epoch %d "
+                "under a fresh shard order (data.on_data_change=restart_epoch)",
+                change,
+                epoch,
+            )
+        return True
 
     def _reshard(self, states: list[dict]) -> None:
         """Weaker resume after a change of world size or workers (module docstring, 2nd guarantee)."""
-        if not states:
-            raise ValueError("resharded_from holds no states")
-        for st in states:
-            self._check_same_data(st)
         old_world, old_nw = states[0]["world_size"], states[0]["num_workers"]
         if len(states) != old_world:
             raise ValueError(
@@ -429,13 +480,14 @@ class Loader:
         )
 
     def stats(self) -> dict[str, float]:
-        """Cumulative counts on this rank: bad samples and samples read."""
+        """Cumulative counts on this rank: bad samples, samples read, upscaled images."""
         bad = sum(c[0] for c in self.dataset.counters)
         seen = sum(c[1] for c in self.dataset.counters)
         return {
             "bad_samples": float(bad),
             "samples": float(seen),
             "bad_fraction": bad / max(seen, 1),
+            "upscaled_samples": float(sum(c[2] for c in self.dataset.counters)),
             "epoch": float(min(c[0] for c in self.dataset.cursors)),
         }
 
@@ -455,7 +507,7 @@ def build_loader(
     seed: int,
     device: torch.device | str | None = None,
 ) -> Loader:
-    """Validate the data (shards exist, enough shards, image size) and build the rank's loader."""
+    """Validate the data (shards exist, enough shards, size, labels) and build the rank's loader."""
     cfg.validate()
     if device is not None:
         device = torch.device(device)
@@ -475,41 +527,24 @@ def build_loader(
         return build_ffcv_loader(
             cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device
         )
-    shards = resolve_shards(cfg.shards)
-    needed = world_size * max(1, cfg.num_workers)
-    if len(shards.urls) < needed:
+    data = open_dataset(cfg, rank=rank)
+    workers = max(1, cfg.num_workers)
+    needed = world_size * workers
+    have = len(data.shards.urls)
+    if have < needed:
+        fix = "re-prepare with a smaller --shard-size"
+        if data.shards.has_counts:
+            fix = f"re-prepare with --shard-size {max(1, data.shards.num_samples // needed)}"
         raise ValueError(
-            f"{len(shards.urls)} shards for {world_size} ranks x {max(1, cfg.num_workers)} workers: "
-            f"need at least {needed} (prepare with a smaller --shard-size, or use fewer workers)"
-        )
-    image_size = check_image_size(cfg, shards)
-    if cfg.use_labels and not shards.classes:
-        raise ValueError(
-            "data.use_labels is on but the manifest lists no classes (prepare --labels)"
+            f"{have} shards for {world_size} ranks x {workers} workers: every worker needs a shard, "
+            f"so at least {needed}: {fix}, or lower data.num_workers"
         )
     return Loader(
         cfg,
-        shards,
+        data,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
         seed=seed,
-        image_size=image_size,
         device=device,
     )
-
-
-def check_image_size(cfg: DataConfig, shards: ShardSet) -> int:
-    """The image size: from the manifest (checked against cfg), else from the first sample."""
-    size = shards.image_size
-    if size == 0:  # no manifest: look at one sample
-        for _key, parts in iter_tar(shards.urls[0], lambda *a: None):
-            found = image_part(parts)
-            if found is not None:
-                size = decode_image(found[1], found[0]).shape[-1]
-                break
-    if size == 0:
-        raise ValueError(f"cannot tell the image size: no readable image in {shards.urls[0]}")
-    if cfg.image_size and cfg.image_size != size:
-        raise ValueError(f"data.image_size={cfg.image_size} but the shards hold {size}px images")
-    return size

@@ -5,7 +5,8 @@ global position `start` (0 unless resharded), and rank r reads perm[start + r ::
 same length (N - start) // W on every rank, in batches that run on into the next epoch. So every
 rank yields the same number of batches forever, and within an epoch no sample is repeated.
 
-Resume: the cursor is (epoch, start, offset). Same world size: exact. Different world size
+Resume: the cursor is (epoch, start, offset). Another sample count than in the state (re-prepared
+data): data.on_data_change decides (restart_epoch: epoch + 1 from its start; error). Same world size: exact. Different world size
 (load_state_dict({"resharded_from": states})): all ranks are at the same offset, so exactly the
 positions perm[start : start + offset * W_old] were read; the new ranks continue the same epoch from
 there, so within that epoch nothing is repeated or skipped (beyond the usual cut to a multiple of W).
@@ -20,16 +21,15 @@ import torch
 from torch import Tensor
 
 from data_pipeline.config import DataConfig
-from data_pipeline.shards import ShardSet, image_part, iter_tar, resolve_shards
+from data_pipeline.dataset import SampleDecoder, open_dataset
+from data_pipeline.shards import ShardSet, iter_tar
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ddpm.data")  # under the trainer's "ddpm" logger: rank logs get it
 
 
-def load_decoded(shards: ShardSet, image_size: int, use_labels: bool) -> tuple[Tensor, Tensor, int]:
-    """All samples of all shards decoded: ((N, 3, H, W) uint8, (N,) int64, bad count)."""
-    from data_pipeline.loader import decode_image
-
-    images, labels, bad = [], [], 0
+def load_decoded(shards: ShardSet, decoder: SampleDecoder) -> tuple[Tensor, Tensor, int, int]:
+    """All samples of all shards at the decoder's size: ((N, 3, H, W) uint8, (N,) int64, bad, upscaled)."""
+    images, labels, bad, upscaled = [], [], 0, 0
 
     def on_error(url: str, key: str, reason: str) -> None:
         nonlocal bad
@@ -38,22 +38,17 @@ def load_decoded(shards: ShardSet, image_size: int, use_labels: bool) -> tuple[T
 
     for url in shards.urls:
         for key, parts in iter_tar(url, on_error):
-            found = image_part(parts)
             try:
-                if found is None:
-                    raise ValueError("no image member")
-                img = decode_image(found[1], found[0])
-                if img.shape != (3, image_size, image_size):
-                    raise ValueError(f"image is {tuple(img.shape)}")
-                label = int(parts["cls"]) if use_labels else 0
+                img, label, up = decoder(parts)  # center crop: decoded once, so no random crop
             except Exception as e:  # one bad sample is skipped and counted, never a crash
-                on_error(url, key, f"{type(e).__name__}: {e}")
+                on_error(url, key, str(e) if isinstance(e, ValueError) else repr(e))
                 continue
             images.append(img)
             labels.append(label)
+            upscaled += up
     if not images:
         raise ValueError(f"no readable samples in {len(shards.urls)} shards")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), bad
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), bad, upscaled
 
 
 class MemoryLoader:
@@ -71,6 +66,7 @@ class MemoryLoader:
         seed: int,
         num_classes: int = 0,
         bad: int = 0,
+        upscaled: int = 0,
     ) -> None:
         if images.shape[0] < world_size:
             raise ValueError(f"{images.shape[0]} samples for {world_size} ranks")
@@ -81,7 +77,7 @@ class MemoryLoader:
         self.num_samples = int(images.shape[0])
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.epoch, self.start, self.offset, self.step = 0, 0, 0, 0
-        self.bad = bad
+        self.bad, self.upscaled = bad, upscaled
 
     def _rank_indices(self, epoch: int, start: int) -> Tensor:
         """This rank's sample order for an epoch: perm[start + rank :: W], equal length on all ranks."""
@@ -137,13 +133,15 @@ class MemoryLoader:
         if "resharded_from" in state:
             states = list(state["resharded_from"])
             st = states[0]
-            self._check(st)
+            if self._check(st):
+                return
             # Every old rank sat at the same offset: perm[start : start + offset * W_old] was read.
             self.epoch = st["epoch"]
             self.start = st["start"] + st["offset"] * st["world_size"]
             self.offset, self.step = 0, st["step"]
             return
-        self._check(state)
+        if self._check(state):
+            return
         if state["world_size"] != self.world_size or state["rank"] != self.rank:
             raise ValueError(
                 "memory loader state of another layout: pass {'resharded_from': states}"
@@ -151,16 +149,35 @@ class MemoryLoader:
         self.epoch, self.start = state["epoch"], state["start"]
         self.offset, self.step = state["offset"], state["step"]
 
-    def _check(self, state: dict) -> None:
+    def _check(self, state: dict) -> bool:
+        """Check backend and seed; a changed dataset follows data.on_data_change (True: handled)."""
         if state.get("backend") != "memory":
             raise ValueError(f"loader state is for backend {state.get('backend')!r}, not memory")
-        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
-            raise ValueError("loader state belongs to another dataset or seed")
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, now {self.seed}")
+        if state["num_samples"] == self.num_samples:
+            return False
+        change = f"{state['num_samples']} -> {self.num_samples} samples"
+        if self.cfg.on_data_change == "error":
+            raise ValueError(
+                f"the data changed since the checkpoint ({change}) and data.on_data_change=error: "
+                "set data.on_data_change=restart_epoch, or point data.shards at the original data"
+            )
+        self.epoch, self.start, self.offset, self.step = state["epoch"] + 1, 0, 0, state["step"]
+        if self.rank == 0:
+            log.warning(
+                "data: the data changed since the checkpoint (%s): the loader starts epoch %d "
+                "under a fresh order (data.on_data_change=restart_epoch)",
+                change,
+                self.epoch,
+            )
+        return True
 
     def stats(self) -> dict[str, float]:
-        """Bad samples found while loading, samples delivered, epoch."""
+        """Bad and upscaled samples found while loading, samples delivered, epoch."""
         return {
             "bad_samples": float(self.bad),
+            "upscaled_samples": float(self.upscaled),
             "samples": float(self.step * self.batch_size),
             "epoch": float(self.epoch),
         }
@@ -179,15 +196,21 @@ def build_memory_loader(
     device: torch.device | None,
 ) -> MemoryLoader:
     """Decode every shard into one tensor, on `device` when it fits in data.memory_device_max_gb."""
-    from data_pipeline.loader import check_image_size
-
-    shards = resolve_shards(cfg.shards)
-    size = check_image_size(cfg, shards)
-    if cfg.use_labels and not shards.classes:
+    if cfg.crop == "random":
         raise ValueError(
-            "data.use_labels is on but the manifest lists no classes (prepare --labels)"
+            "data.crop=random needs data.backend=webdataset: the memory backend decodes each image "
+            "once (use data.crop=center)"
         )
-    images, labels, bad = load_decoded(shards, size, cfg.use_labels)
+    data = open_dataset(cfg, rank=rank, backend="memory")
+    decoder = SampleDecoder(cfg, data.image_size, data.num_classes)
+    images, labels, bad, upscaled = load_decoded(data.shards, decoder)
+    if upscaled and rank == 0:
+        log.warning(
+            "data: upscaled %d of %d images smaller than %dpx",
+            upscaled,
+            len(images),
+            data.image_size,
+        )
     if bad > cfg.max_bad_fraction * max(len(images) + bad, cfg.bad_min_samples):
         raise RuntimeError(
             f"{bad} bad samples out of {len(images) + bad} exceed data.max_bad_fraction"
@@ -205,6 +228,7 @@ def build_memory_loader(
         rank=rank,
         world_size=world_size,
         seed=seed,
-        num_classes=len(shards.classes),
+        num_classes=data.num_classes,
         bad=bad,
+        upscaled=upscaled,
     )

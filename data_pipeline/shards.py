@@ -1,44 +1,97 @@
-"""Shard discovery (manifest, brace pattern, pipe:, http) and raw tar reading with seeded shuffle."""
+"""Shard discovery (manifest, folder, brace pattern, pipe:, http), lean tar reading, sample parts.
+
+Samples follow webdataset's conventions: a tar member's key is its path up to the first dot of the
+file name, folders included (`a/0001.jpg` and `b/0001.jpg` are two samples), the rest of the name
+is the part (lower-cased: `jpg`, `cls`, `json`, `seg.png`); consecutive members with one key form
+a sample; `__*__` metadata members are skipped.
+
+Start-up never reads whole members: a manifest gives the counts; without one the shard list is
+known from the file names (or the pattern), and sample counts are taken only when something asks
+for them (ShardSet.counts: tar headers only for local files, with seeks over the member bytes).
+"""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
 import random
+import re
 import tarfile
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from braceexpand import braceexpand
 from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
 
-log = logging.getLogger(__name__)
+from data_pipeline.images import IMAGE_EXTS
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+log = logging.getLogger("ddpm.data")  # under the trainer's "ddpm" logger: rank logs get it
+
+__all__ = ["IMAGE_EXTS", "ShardSet", "resolve_shards", "iter_tar", "count_samples", "image_part"]
+
+PREPARE_HINT = "make shards with `ddpm-prepare SOURCE OUT_DIR --size N`"
 
 
-@dataclass
 class ShardSet:
-    """The resolved shard list of a dataset."""
+    """The resolved shard list of a dataset; sample counts known from a manifest or counted lazily."""
 
-    urls: list[str]  # local paths, pipe:CMD or http(s) URLs, in a fixed order
-    counts: list[int]  # samples per shard (from the manifest, or counted at start-up)
-    image_size: int = 0  # 0 when unknown (no manifest)
-    classes: list[str] = field(default_factory=list)
-    manifest: dict | None = None
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int] | None = None,
+        image_size: int = 0,
+        classes: list[str] | None = None,
+        manifest: dict | None = None,
+    ) -> None:
+        self.urls = urls  # local paths, pipe:CMD or http(s) URLs, in a fixed order
+        self._counts = counts  # samples per shard, None until known
+        self.image_size = image_size  # 0 when unknown (no manifest)
+        self.classes = list(classes or [])
+        self.manifest = manifest
+
+    @property
+    def has_counts(self) -> bool:
+        """Whether the counts are known without reading the shards (a manifest lists them)."""
+        return self._counts is not None
+
+    @property
+    def counts(self) -> list[int]:
+        """Samples per shard; without a manifest counted on first use (local: tar headers only)."""
+        if self._counts is None:
+            remote = sum(not os.path.exists(u) for u in self.urls)
+            if remote:
+                log.warning(
+                    "counting the samples of %d manifest-less remote shards reads them whole; "
+                    "a manifest.json beside them avoids that (ddpm-prepare writes one)",
+                    remote,
+                )
+            self._counts = [count_samples(u) for u in self.urls]
+        return self._counts
 
     @property
     def num_samples(self) -> int:
-        """Samples over all shards."""
+        """Samples over all shards (see counts)."""
         return sum(self.counts)
 
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the data: shard names, plus their sha256 when a manifest lists them."""
+        names = [u.rsplit("/", 1)[-1] for u in self.urls]
+        sums = {}
+        if self.manifest is not None:
+            sums = {s["name"]: s.get("sha256", "") for s in self.manifest.get("shards", [])}
+        text = "\n".join(f"{n} {sums.get(n, '')}".strip() for n in names)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-def _is_remote(s: str) -> bool:
-    return s.startswith(("http://", "https://"))
+
+def is_remote(s: str) -> bool:
+    """http(s) URL or pipe: command (no local file to stat or seek)."""
+    return s.startswith(("http://", "https://", "pipe:"))
 
 
 def _fetch_json(url: str) -> dict | None:
@@ -52,7 +105,7 @@ def _fetch_json(url: str) -> dict | None:
 def _from_manifest(man: dict, base: str) -> ShardSet:
     join = (
         (lambda n: f"{base.rstrip('/')}/{n}")
-        if _is_remote(base)
+        if is_remote(base)
         else (lambda n: str(Path(base) / n))
     )
     return ShardSet(
@@ -65,14 +118,16 @@ def _from_manifest(man: dict, base: str) -> ShardSet:
 
 
 def resolve_shards(spec: str) -> ShardSet:
-    """Turn data.shards into a ShardSet; raises FileNotFoundError / ValueError with clear messages."""
+    """Turn data.shards into a ShardSet; raises FileNotFoundError / ValueError with clear messages.
+
+    Reads at most a manifest: no shard is opened here.
+    """
     spec = str(spec)
     if not spec:
         raise ValueError("no shards given (data.shards is empty)")
     if spec.startswith("pipe:"):
-        urls = ["pipe:" + u for u in braceexpand(spec[5:])]
-        return ShardSet(urls, [count_samples(u) for u in urls])
-    if _is_remote(spec):
+        return ShardSet(["pipe:" + u for u in braceexpand(spec[5:])])
+    if spec.startswith(("http://", "https://")):
         if spec.endswith(".json"):
             man = _fetch_json(spec)
             if man is None:
@@ -80,13 +135,16 @@ def resolve_shards(spec: str) -> ShardSet:
             return _from_manifest(man, spec.rsplit("/", 1)[0])
         urls = list(braceexpand(spec))
         man = _fetch_json(urls[0].rsplit("/", 1)[0] + "/manifest.json")
-        return _with_counts(urls, man)
+        return _with_manifest(urls, man)
     path = Path(spec)
     if path.is_dir():
         if not (path / "manifest.json").exists():
-            raise FileNotFoundError(
-                f"{path} is a folder without manifest.json (run data_pipeline.prepare)"
-            )
+            tars = sorted(str(p) for p in path.glob("*.tar"))
+            if not tars:
+                raise FileNotFoundError(
+                    f"{path} holds neither manifest.json nor .tar shards: {PREPARE_HINT}"
+                )
+            return ShardSet(tars)
         path = path / "manifest.json"
     if path.suffix == ".json":
         if not path.exists():
@@ -113,11 +171,11 @@ def resolve_shards(spec: str) -> ShardSet:
         )
     man_path = Path(urls[0]).parent / "manifest.json"
     man = json.loads(man_path.read_text()) if man_path.exists() else None
-    return _with_counts(urls, man)
+    return _with_manifest(urls, man)
 
 
-def _with_counts(urls: list[str], man: dict | None) -> ShardSet:
-    """Counts from a manifest beside the shards when it lists them all, else counted by reading."""
+def _with_manifest(urls: list[str], man: dict | None) -> ShardSet:
+    """Counts, size and classes from a manifest beside the shards when it lists them all."""
     if man is not None:
         by_name = {s["name"]: int(s["samples"]) for s in man.get("shards", [])}
         names = [u.rsplit("/", 1)[-1] for u in urls]
@@ -129,7 +187,7 @@ def _with_counts(urls: list[str], man: dict | None) -> ShardSet:
                 list(man.get("classes", [])),
                 man,
             )
-    return ShardSet(urls, [count_samples(u) for u in urls])
+    return ShardSet(urls)
 
 
 # ----------------------------------------------------------------------------- raw reading
@@ -164,9 +222,36 @@ def _octal(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
-def tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file of a tar stream; a lean reader (tarfile costs ~0.1 ms/member).
+def _header(header: bytes) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of a checked 512-byte tar header; raises tarfile.ReadError."""
+    # Checksum: the sum of the header bytes with the checksum field read as spaces.
+    if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+        raise tarfile.ReadError("bad tar header checksum")
+    name = header[:100].split(b"\0", 1)[0].decode()
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name, _octal(header[124:136]), header[156:157]
 
+
+def _long_name(kind: bytes, data: bytes) -> str | None:
+    """The name a GNU long-name (L) or pax (x) record gives the next member, if any."""
+    if kind == b"L":
+        return data.split(b"\0", 1)[0].decode()
+    name = None
+    for rec in data.decode("utf-8", "replace").split("\n"):
+        if " path=" in rec:
+            name = rec.split(" path=", 1)[1]
+    return name
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a tar stream.
+
+    A lean reader, kept because it is measurably faster than webdataset's tar_file_iterator
+    (tarfile in stream mode): 13.5 vs 78.5 us per member on a 2,000-sample shard (6,000 members,
+    measured here), i.e. 40 vs 235 us per jpg+cls+json sample next to ~1 ms to decode a JPEG.
     Handles ustar prefixes, GNU long names and pax path records; checks every header's checksum,
     so corruption and truncation raise tarfile.ReadError instead of yielding garbage.
     """
@@ -179,55 +264,83 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError("truncated tar header")
         if header.count(0) == 512:
             return  # end-of-archive marker
-        # Checksum: the sum of the header bytes with the checksum field read as spaces.
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-            raise tarfile.ReadError("bad tar header checksum")
-        size = _octal(header[124:136])
-        kind = header[156:157]
+        name, size, kind = _header(header)
         data = _read_exact(stream, size)
         if len(data) < size:
             raise tarfile.ReadError(f"truncated member ({len(data)} of {size} bytes)")
         pad = -size % 512
         if pad and len(_read_exact(stream, pad)) < pad:
             raise tarfile.ReadError("truncated tar padding")
-        if kind == b"L":  # GNU long name of the next member
-            long_name = data.split(b"\0", 1)[0].decode()
-            continue
-        if kind == b"x":  # pax extended header: take its path record
-            for rec in data.decode("utf-8", "replace").split("\n"):
-                if " path=" in rec:
-                    long_name = rec.split(" path=", 1)[1]
+        if kind in (b"L", b"x"):
+            long_name = _long_name(kind, data)
             continue
         if kind not in (b"0", b"\0", b"7"):
             long_name = None  # directories, links, global headers: no sample data
             continue
         if long_name is not None:
             name, long_name = long_name, None
-        else:
-            name = header[:100].split(b"\0", 1)[0].decode()
-            if header[257:262] == b"ustar":
-                prefix = header[345:500].split(b"\0", 1)[0].decode()
-                if prefix:
-                    name = f"{prefix}/{name}"
         yield name, data
 
 
+def tar_index(path: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file of a local tar: headers only.
+
+    Seeks over the member bytes (unbuffered reads of 512-byte headers), so the cost grows with
+    the number of members, not with their bytes.
+    """
+    long_name = None
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            header = _read_exact(f, 512)
+            if len(header) < 512 or header.count(0) == 512:
+                if header and len(header) < 512:
+                    raise tarfile.ReadError("truncated tar header")
+                return
+            name, size, kind = _header(header)
+            offset = f.tell()
+            if kind in (b"L", b"x"):
+                long_name = _long_name(kind, _read_exact(f, size))
+                f.seek(offset + size + (-size % 512))
+                continue
+            f.seek(offset + size + (-size % 512))
+            if kind not in (b"0", b"\0", b"7"):
+                long_name = None
+                continue
+            if long_name is not None:
+                name, long_name = long_name, None
+            yield name, offset, size
+
+
+# webdataset's tar_file_iterator skips these metadata members (e.g. __index__).
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def sample_key(name: str) -> tuple[str | None, str]:
+    """(key, part) of a member name, as webdataset splits it (base_plus_ext, lower-cased part)."""
+    if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+        return None, ""
+    key, part = base_plus_ext(name)
+    return key, (part or "").lower()
+
+
 def iter_tar(url: str, on_error) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, streaming; a truncated/corrupt tar ends early via on_error."""
+    """(key, {part: bytes}) per sample, streaming; a truncated/corrupt tar ends early via on_error."""
     stream = None
     key, parts = None, {}
     try:
         stream = open_shard(url)
         for path, data in tar_members(stream):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith("__") or "." not in name:
+            k, part = sample_key(path)
+            if k is None:
                 continue
-            k, ext = name.split(".", 1)
             if k != key:
                 if key is not None:
                     yield key, parts
                 key, parts = k, {}
-            parts[ext.lower()] = data
+            if part in parts:
+                on_error(url, key, f"duplicate member {path} (kept the first)")
+                continue
+            parts[part] = data
         if key is not None:
             yield key, parts
             key = None
@@ -243,7 +356,17 @@ def iter_tar(url: str, on_error) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def count_samples(url: str) -> int:
-    """Samples in one shard, by reading headers only (no decoding)."""
+    """Samples in one shard: headers only for a local file (seeks), a full read for remote ones."""
+    if not is_remote(url):
+        try:
+            keys = (sample_key(name)[0] for name, _, _ in tar_index(url))
+            n, last = 0, None
+            for k in keys:
+                if k is not None and k != last:
+                    n, last = n + 1, k
+            return n
+        except (OSError, tarfile.TarError, UnicodeDecodeError) as e:
+            raise FileNotFoundError(f"cannot read shard {url}: {e}") from None
     errors = []
     n = sum(1 for _ in iter_tar(url, lambda *a: errors.append(a)))
     if n == 0 and errors:
@@ -252,9 +375,22 @@ def count_samples(url: str) -> int:
 
 
 def shuffled(
-    samples: Iterator[tuple[str, dict[str, bytes]]], rng: random.Random, buffer: int, hflip: bool
-) -> Iterator[tuple[str, dict[str, bytes], bool]]:
-    """Seeded buffer shuffle of raw samples; attaches a flip decision to each (one rng, so resume is exact)."""
+    samples: Iterator[tuple[str, dict[str, bytes]]],
+    rng: random.Random,
+    buffer: int,
+    hflip: bool,
+    random_crop: bool = False,
+) -> Iterator[tuple[str, dict[str, bytes], bool, float | None]]:
+    """Seeded buffer shuffle of raw samples, each with its flip and crop position (None: center).
+
+    One rng draws the order, the flips and the crop positions, so resume is exact; without
+    random_crop no extra numbers are drawn (the order and flips are those of earlier versions).
+    """
+
+    def draws() -> tuple[bool, float | None]:
+        flip = hflip and rng.random() < 0.5
+        return flip, (rng.random() if random_crop else None)
+
     buf: list = []
     for s in samples:
         buf.append(s)
@@ -262,15 +398,57 @@ def shuffled(
             i = rng.randrange(len(buf))
             buf[i], buf[-1] = buf[-1], buf[i]
             key, parts = buf.pop()
-            yield key, parts, hflip and rng.random() < 0.5
+            yield key, parts, *draws()
     rng.shuffle(buf)
     for key, parts in buf:
-        yield key, parts, hflip and rng.random() < 0.5
+        yield key, parts, *draws()
 
 
 def image_part(parts: dict[str, bytes]) -> tuple[str, bytes] | None:
-    """The (extension, bytes) of the image member of a sample, if any."""
+    """The (part name, bytes) of the image of a sample (jpg, jpeg, png, webp), if any."""
     for ext in IMAGE_EXTS:
         if ext in parts:
             return ext, parts[ext]
     return None
+
+
+def raw_label(parts: dict[str, bytes], labels_from: str) -> int | str:
+    """A sample's label as stored: the .cls text as int, or a field of the .json part (int or str)."""
+    if labels_from == "cls":
+        if "cls" not in parts:
+            raise ValueError(f"no .cls part (parts: {', '.join(sorted(parts))})")
+        text = parts["cls"].decode("utf-8", "replace").strip()
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f".cls holds {text[:40]!r}, not an integer class index") from None
+    field = labels_from.removeprefix("json:")
+    if "json" not in parts:
+        raise ValueError(f"no .json part to read the label field {field!r} from")
+    try:
+        obj = json.loads(parts["json"])
+    except ValueError as e:
+        raise ValueError(f"the .json part is not valid JSON ({e})") from None
+    for name in field.split("."):
+        if not isinstance(obj, dict) or name not in obj:
+            have = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"the .json part has no field {field!r} (has: {have})")
+        obj = obj[name]
+    if isinstance(obj, bool) or not isinstance(obj, int | str):
+        raise ValueError(f"label field {field!r} holds {obj!r}, not a class index or name")
+    if isinstance(obj, str) and obj.strip().lstrip("-").isdigit():
+        return int(obj)
+    return obj
+
+
+def sample_label(parts: dict[str, bytes], labels_from: str, num_classes: int) -> int:
+    """A sample's class index in [0, num_classes) (num_classes 0: unchecked); ValueError otherwise."""
+    label = raw_label(parts, labels_from)
+    if isinstance(label, str):
+        raise ValueError(
+            f"label {label!r} is a class name, not an index: prepare the shards with ddpm-prepare, "
+            "which maps names to indices"
+        )
+    if label < 0 or (num_classes and label >= num_classes):
+        raise ValueError(f"label {label} outside [0, {num_classes}) (model.num_classes)")
+    return label

@@ -73,4 +73,5 @@ def prepare_synthetic(
         shard_size=shard_size,
         progress=progress,
         source_type="folder",
+        overwrite=True,  # other size or count than an earlier synthetic set: rebuild it
     )

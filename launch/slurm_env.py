@@ -123,3 +123,19 @@ def job_state(job_id: str) -> str:
         return ""
     m = re.search(r"\bJobState=(\S+)", out)
     return m.group(1) if m else ""
+
+
+def partition_nodes(partition: str | None) -> tuple[str, int] | None:
+    """(name, node count) of ``partition`` (None: the default one), or None when SLURM cannot tell."""
+    cmd = ["scontrol", "show", "partition", "-o"] + ([partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    for line in out.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if partition is None and fields.get("Default") != "YES":
+            continue
+        if "PartitionName" in fields and fields.get("TotalNodes", "").isdigit():
+            return fields["PartitionName"], int(fields["TotalNodes"])
+    return None

@@ -1,14 +1,18 @@
 """Submit a multi-node DDPM training job to SLURM through submitit, requeued until it finishes.
 
 One SLURM task per GPU. Each task maps SLURM's environment onto torchrun's (launch.slurm_env),
-runs the trainer in-process, and decides from its exit code what happens next:
+runs the trainer in-process and records its exit code in the run directory. ``srun
+--kill-on-bad-exit`` ends every task as soon as one fails or dies (a lost rank never leaves the
+others hanging), and the batch script decides once, after the step (``after_step``):
 
-- 0: finished; the job completes.
-- 75 (EXIT_REQUEUE): the trainer caught the time-limit/preemption signal (SLURM sends
-  ``--signal=USR2@<lead>``), every rank stopped at the same step and one checkpoint was
-  written. Rank 0 runs ``scontrol requeue``; the requeued job resumes from the run directory.
-  After ``--max-requeues`` requeues the job fails instead.
-- anything else (2: bad config, 1: crash): the job fails once, the error in its logs.
+- every rank exited 0: finished; the job completes.
+- every rank exited 75 (EXIT_REQUEUE): the trainer caught the time-limit/preemption signal
+  (SLURM sends ``--signal=USR2@<lead>``), every rank stopped at the same step and one
+  checkpoint was written: ``scontrol requeue``, until ``--max-requeues`` requeues were made.
+- 2 (bad config, or a run directory held by another job): the job fails, not requeued.
+- a crash or a lost rank (1, killed, hung past ``dist.timeout_s``): requeued when the run made
+  progress since this (re)start (``checkpoints/latest`` moved); failed with one line when it
+  crashed again at the same checkpoint, so a crash that repeats is not retried forever.
 
 Usage:
     python -m launch.submit --config configs/lsun_church_256.yaml --nodes 8 --gpus-per-node 8 \
@@ -19,13 +23,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import shlex
 import socket
 import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +92,92 @@ def resolve_run_dir(config: str | None, overrides: Sequence[str], run_dir: str |
     return Path("runs", str(name)).absolute()
 
 
-def decide(code: int, restarts: int, max_requeues: int) -> str:
-    """What a finished trainer's exit code means for the job: "done", "requeue" or "fail"."""
-    if code == 0:
-        return "done"
-    if code == slurm_env.EXIT_REQUEUE:
-        # A job that keeps stopping without finishing is stopped by the cap, not requeued forever.
-        return "requeue" if restarts < max_requeues else "fail"
-    return "fail"
+@dataclass
+class Outcome:
+    """What one task's trainer returned (``<run dir>/slurm/outcomes/<job>.<restart>/rank<k>.json``)."""
+
+    rank: int
+    host: str
+    code: int
+    signal: str | None = None  # the signal behind an exit 75 (SIGUSR2: time limit; SIGTERM: scancel)
+    time: float = 0.0  # when the trainer returned: the first failure is the cause, the rest follow
+
+
+def outcome_dir(run_dir: str | Path, job_id: str, restarts: int) -> Path:
+    """Where the tasks of one run of a job record their trainer's exit code."""
+    return Path(run_dir) / "slurm" / "outcomes" / f"{job_id}.{restarts}"
+
+
+def read_outcomes(run_dir: str | Path, job_id: str, restarts: int) -> dict[int, Outcome]:
+    """The recorded outcomes of one run of a job, by rank (killed tasks recorded nothing)."""
+    out: dict[int, Outcome] = {}
+    for p in outcome_dir(run_dir, job_id, restarts).glob("rank*.json"):
+        try:
+            o = Outcome(**json.loads(p.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        out[o.rank] = o
+    return out
+
+
+def latest_checkpoint(run_dir: str | Path) -> str:
+    """The name ``<run dir>/checkpoints/latest`` points at ('' before the first checkpoint)."""
+    try:
+        return (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return ", ".join(str(r) for r in sorted(ranks))
+
+
+def decide_after_step(outcomes: dict[int, Outcome], world: int, job_id: str, restarts: int,
+                      max_requeues: int, start_ckpt: str, end_ckpt: str) -> tuple[str, int, str]:
+    """What the job does once its step ended: (action, exit code, one line).
+
+    action is "done", "requeue", "fail" or "leave" (stopped by scancel or a preemption: SLURM
+    decides). A crash is requeued only when the run made progress since this (re)start.
+    """
+    codes = {r: o.code for r, o in outcomes.items()}
+    lost = [r for r in range(world) if r not in codes]
+    cap = f"job {job_id} was already requeued {restarts} times (--max-requeues {max_requeues})"
+    if not lost and set(codes.values()) == {0}:
+        return "done", 0, f"job {job_id} finished"
+    if 2 in codes.values():
+        bad = [r for r, c in codes.items() if c == 2]
+        return "fail", 2, (f"job {job_id} failed: configuration error on rank(s) {_ranks(bad)} (trainer exit "
+                           f"code 2); not requeued. The error is in the rank logs")
+    if not lost and set(codes.values()) <= {0, slurm_env.EXIT_REQUEUE}:
+        sigs = {o.signal for o in outcomes.values() if o.signal}
+        if sigs & {"SIGTERM", "SIGINT"}:
+            return "leave", 0, (f"job {job_id} stopped at a checkpoint by {'/'.join(sorted(sigs))} (scancel or "
+                                f"preemption): not requeued by the launcher; resume by submitting the same command")
+        if restarts >= max_requeues:
+            return "fail", 1, (f"trainer stopped at a checkpoint but {cap}; resubmit the same command to "
+                               f"continue")
+        return "requeue", 0, (f"requeued job {job_id} ({restarts + 1}/{max_requeues}): every rank stopped at "
+                              f"a checkpoint ({'/'.join(sorted(sigs)) or 'signal'})")
+    what = []
+    if lost:
+        what.append(f"rank(s) {_ranks(lost)} ended without an exit code (killed: SIGKILL, the OOM killer, "
+                    f"a lost node, or ended by srun after another rank failed)")
+    failed = sorted((o.time, r, o.code) for r, o in outcomes.items() if o.code not in (0, slurm_env.EXIT_REQUEUE))
+    if failed:
+        _, r, c = failed[0]
+        what.append(f"rank {r} exited with {c}" + (" first" if len(failed) > 1 else "")
+                    + "".join(f", then rank {r2} with {c2}" for _, r2, c2 in failed[1:4])
+                    + (" ..." if len(failed) > 4 else ""))
+    cause = "; ".join(what) or "the step failed"
+    if not end_ckpt or end_ckpt == start_ckpt:
+        where = f"at the same checkpoint {end_ckpt}" if end_ckpt else "before its first checkpoint"
+        return "fail", 1, (f"job {job_id} failed: {cause}. It crashed {where} (no progress since this "
+                           f"(re)start), so it is not requeued: a crash that repeats is not retried forever")
+    progress = f"checkpoint {start_ckpt or '(none)'} -> {end_ckpt}"
+    if restarts >= max_requeues:
+        return "fail", 1, f"job {job_id} failed: {cause}; it made progress ({progress}) but {cap}"
+    return "requeue", 0, (f"requeued job {job_id} ({restarts + 1}/{max_requeues}) after a crash: {cause}; "
+                          f"the run made progress since this (re)start ({progress})")
 
 
 def _load_entry(spec: str) -> Callable[[list[str]], int]:
@@ -140,48 +225,36 @@ class TrainTask:
         restarts = slurm_env.restart_count(os.environ)
         job_id = os.environ["SLURM_JOB_ID"]
         _log(
-            f"host={socket.gethostname()} rank={rank}/{env['WORLD_SIZE']} "
+            f"host={socket.gethostname()} node={os.environ.get('SLURMD_NODENAME', '?')} "
+            f"rank={rank}/{env['WORLD_SIZE']} "
             f"local_rank={env['LOCAL_RANK']}/{env['LOCAL_WORLD_SIZE']} "
             f"master={env['MASTER_ADDR']}:{env['MASTER_PORT']} job={job_id} restart={restarts} "
             f"inductor_cache={os.environ['TORCHINDUCTOR_CACHE_DIR']}"
         )
-        code = _load_entry(self.entry)(list(self.argv))
-        action = decide(code, restarts, self.max_requeues)
-        _log(f"rank={rank} trainer exited with {code} -> {action}")
-        if action == "done":
+        try:
+            code = _load_entry(self.entry)(list(self.argv))
+        except Exception:  # the trainer returns exit codes; anything escaping it is a crash (1)
+            traceback.print_exc()
+            code = 1
+        sig = _stop_signal(self.entry) if code == slurm_env.EXIT_REQUEUE else None
+        # Recorded for the batch script, which decides once every task has ended (after_step).
+        rec = outcome_dir(self.run_dir, job_id, restarts) / f"rank{rank}.json"
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        rec.write_text(json.dumps(asdict(Outcome(rank=rank, host=socket.gethostname(), code=code,
+                                                 signal=sig, time=time.time()))))
+        _log(f"rank={rank} trainer exited with {code}" + (f" ({sig})" if sig else ""))
+        if code == 0:
             return code
-        if action == "requeue":
-            # The trainer says which signal all ranks agreed on: USR2/USR1 is the time-limit
-            # warning (requeue); SIGTERM/SIGINT is scancel or a preemption, and the job state
-            # may not say CANCELLED yet, so the signal decides (SLURM requeues preempted jobs
-            # itself with PreemptMode=REQUEUE).
-            sig = _stop_signal(self.entry)
+        if code == slurm_env.EXIT_REQUEUE:
             state = slurm_env.job_state(job_id) if rank == 0 else ""
             if state.startswith("CANCELLED") or sig in ("SIGTERM", "SIGINT"):
                 _log(f"job {job_id} was cancelled: stopped at a checkpoint, not requeued "
                      f"(signal {sig or '?'}, state {state or '?'}); resume by submitting the same command")
-            elif rank == 0:
-                # All ranks stopped at one step before the trainer returned 75, so the
-                # checkpoint is complete; requeueing kills the (finished) step and starts over.
-                r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                                   timeout=60)
-                if r.returncode == 0:
-                    _log(f"requeued job {job_id} ({restarts + 1}/{self.max_requeues})")
-                else:
-                    # E.g. SLURM is already requeueing a preempted job itself.
-                    _log(f"scontrol requeue {job_id} failed: {r.stderr.strip()}; "
-                         f"resume by submitting the same command")
-            # SystemExit, not a return: submitit must not write a result, the job is not over.
-            raise SystemExit(code)
-        if code == slurm_env.EXIT_REQUEUE:
-            raise RuntimeError(
-                f"trainer stopped at a checkpoint but job {job_id} was already requeued "
-                f"{restarts} times (--max-requeues {self.max_requeues}); resubmit to continue"
-            )
-        raise RuntimeError(
-            f"trainer exited with code {code} ({'configuration error' if code == 2 else 'failure'}); "
-            f"not requeued. See the logs in {self.run_dir}/slurm"
-        )
+            # A clean stop ends the task with 0 so srun --kill-on-bad-exit leaves the other ranks
+            # alone; SystemExit, not a return: submitit must not write a result, the job is not over.
+            raise SystemExit(0)
+        # srun --kill-on-bad-exit now ends the other ranks; the batch script decides what follows.
+        raise SystemExit(code)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Used by submitit's own USR2 handler, which is active only before the trainer starts."""
@@ -228,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch", action="append", default=[], help="extra sbatch option KEY=VALUE")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE set in every task")
     p.add_argument("--entry", default="trainer.main:main", help=argparse.SUPPRESS)
+    # Used by the job's own batch script after its step (see after_step), not by people.
+    p.add_argument("--after-step", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--srun-exit", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--start-checkpoint", default="", help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the job script and resources only")
     return p
 
@@ -243,6 +320,7 @@ def job_parameters(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     for kv in args.sbatch:
         k, _, v = kv.partition("=")
         extra[k.lstrip("-").replace("-", "_")] = v if v else True
+    latest = shlex.quote(str(run_dir / "checkpoints" / "latest"))
     params: dict[str, Any] = {
         "job_name": args.job_name or f"ddpm-{run_dir.name}",
         "nodes": args.nodes,
@@ -250,7 +328,19 @@ def job_parameters(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "time": parse_time_min(args.time),
         "signal_delay_s": args.signal_lead_s,
         "setup": [f"export PYTHONPATH={shlex.quote(str(_REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
-        + list(args.setup),
+        + list(args.setup)
+        # The checkpoint this (re)start resumes from: a crash after which `latest` moved on made
+        # progress and is requeued; one at the same checkpoint is not (after_step).
+        + [f"ddpm_start_checkpoint=$(cat {latest} 2>/dev/null || true)"],
+        # One task that fails or dies ends every task of the step at once (SIGTERM, then SIGKILL
+        # after KillWait), instead of leaving them waiting in a collective.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        # After the step, in the batch shell (alive whichever task died): finish, requeue or fail.
+        "teardown": [
+            f"{shlex.quote(sys.executable)} -m launch.submit --after-step --srun-exit $? "
+            f"--run-dir {shlex.quote(str(run_dir))} --max-requeues {args.max_requeues} "
+            f'--start-checkpoint "$ddpm_start_checkpoint"'
+        ],
         "additional_parameters": extra,
     }
     if args.gpus_per_node:
@@ -297,6 +387,11 @@ def submit(argv: Sequence[str]) -> str:
         print(f"# each task runs: {task.entry} {shlex.join(task.argv)}")
         print(f"# TORCHINDUCTOR_CACHE_DIR={task.compile_cache or run_dir / 'inductor_cache'}")
         return ""
+    part = slurm_env.partition_nodes(args.partition)
+    if part is not None and args.nodes > part[1]:
+        # sbatch would refuse with "Node count specification invalid" and a traceback.
+        raise ValueError(f"--nodes {args.nodes} but partition {part[0]} has {part[1]} node(s) (scontrol show "
+                         f"partition {part[0]}): ask for at most {part[1]}, or pick another --partition")
     run_dir.mkdir(parents=True, exist_ok=True)
     executor = submitit_slurm.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
     executor.update_parameters(**params)
@@ -308,10 +403,44 @@ def submit(argv: Sequence[str]) -> str:
     return str(job.job_id)
 
 
+def after_step(run_dir: Path, max_requeues: int, srun_exit: int, start_ckpt: str,
+               environ: dict[str, str] | None = None) -> int:
+    """In the batch script once the step ended: finish, requeue or fail the job; the job's exit code."""
+    env = dict(os.environ if environ is None else environ)
+    job_id = env["SLURM_JOB_ID"]
+    restarts = slurm_env.restart_count(env)
+    world = int(env.get("SLURM_NTASKS") or 0) or max(read_outcomes(run_dir, job_id, restarts), default=0) + 1
+    outcomes = read_outcomes(run_dir, job_id, restarts)
+    end_ckpt = latest_checkpoint(run_dir)
+    action, code, line = decide_after_step(outcomes, world, job_id, restarts, max_requeues, start_ckpt,
+                                           end_ckpt)
+    if action in ("requeue", "fail") and code != 2:
+        from trainer.run_lock import explain_failure  # standard library only: no torch here
+
+        lost = [r for r in range(world) if r not in outcomes]
+        for why in explain_failure(run_dir, slurm=f"{job_id}.{restarts}", world_size=world, lost=lost):
+            _log(why)
+    if action == "requeue" and slurm_env.job_state(job_id).startswith("CANCELLED"):
+        action, code, line = "leave", 0, f"job {job_id} was cancelled: not requeued"
+    _log(f"{line} (srun exit {srun_exit})" if action == "fail" else line)
+    if action == "requeue":
+        r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            # E.g. SLURM is already requeueing a preempted job itself.
+            _log(f"scontrol requeue {job_id} failed: {r.stderr.strip()}; resume by submitting the same command")
+            return 1
+    sys.stdout.flush()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry (console script `ddpm-submit`): 0 when submitted (or dry-run), 2 on bad arguments."""
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    if "--after-step" in args_list:
+        a = build_parser().parse_args(args_list)
+        return after_step(Path(a.run_dir), a.max_requeues, a.srun_exit, a.start_checkpoint)
     try:
-        submit(sys.argv[1:] if argv is None else argv)
+        submit(args_list)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,6 +43,11 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = field(
         default=(16,), metadata={"help": "resolutions at which self-attention follows each res block"}
     )
+    attn_levels: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "levels (0 = full resolution) with self-attention, instead of attn_resolutions; "
+                          "follows image_size"},
+    )
     dropout: float = field(default=0.1, metadata={"help": "dropout inside res blocks"})
     num_heads: int = field(default=1, metadata={"help": "attention heads (paper: 1)"})
     num_head_channels: int = field(
@@ -66,6 +71,7 @@ class UNetConfig:
         # YAML/CLI give lists; keep the dataclass hashable and comparable.
         self.channel_mult = tuple(self.channel_mult)
         self.attn_resolutions = tuple(self.attn_resolutions)
+        self.attn_levels = tuple(self.attn_levels)
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -92,6 +98,19 @@ class UNetConfig:
                     f"model.base_channels: channels {ch} (base_channels * {m}) must be divisible by "
                     f"norm_groups={self.norm_groups}"
                 )
+        if self.attn_levels:  # resolved here, so a preset by level survives a change of image_size
+            n = len(self.resolutions)
+            if any(not 0 <= lv < n for lv in self.attn_levels):
+                raise ValueError(f"model.attn_levels: {list(self.attn_levels)} names a level outside 0..{n - 1} "
+                                 f"(the levels are {list(self.resolutions)} pixels)")
+            resolved = tuple(sorted({self.resolutions[lv] for lv in self.attn_levels}, reverse=True))
+            # attn_resolutions at its default counts as not set; a resolved config (config.yaml) holds both.
+            if set(self.attn_resolutions) not in (set(UNetConfig.attn_resolutions), set(resolved)):
+                raise ValueError(
+                    f"model.attn_levels={list(self.attn_levels)} and model.attn_resolutions="
+                    f"{list(self.attn_resolutions)} both place attention: set one of them "
+                    "(model.attn_levels=[] to use model.attn_resolutions)")
+            self.attn_resolutions = resolved
         bad = [r for r in self.attn_resolutions if r not in self.resolutions]
         if bad:
             raise ValueError(

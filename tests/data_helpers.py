@@ -151,3 +151,81 @@ def take(loader, n: int) -> list[dict]:
         if len(out) == n:
             break
     return out
+
+
+def write_wds_shards(
+    out_dir: str | Path,
+    num_shards: int,
+    per_shard: int,
+    *,
+    min_size: int = 10,
+    max_size: int = 40,
+    classes: int = 3,
+    label_names: list[str] | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Shards as other tools write them: webdataset's ShardWriter, no manifest.
+
+    JPEGs of varied sizes and aspect ratios under keys with folders (`a/00001`, `b/00001`: two
+    samples), each with a `.cls` label and a `.json` carrying the same label ({"label": k}, or the
+    class name when label_names is given). Returns one dict per sample: key, w, h, label, jpg.
+    """
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    samples = []
+    with wds.ShardWriter(str(out_dir / "part-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(num_shards * per_shard):
+            w, h = (int(x) for x in rng.integers(min_size, max_size + 1, size=2))
+            img = colourful_image(rng, max(w, h)).resize((w, h))
+            label = int(rng.integers(0, classes))
+            meta = {"label": label_names[label] if label_names else label, "width": w}
+            data = jpeg_bytes(img, quality=90)
+            key = f"{'ab'[i % 2]}/{i // 2:05d}"
+            sink.write({"__key__": key, "jpg": data, "cls": label, "json": meta})
+            samples.append({"key": key, "w": w, "h": h, "label": label, "jpg": data})
+    return samples
+
+
+def write_parquet(
+    path: str | Path,
+    samples: list[dict],
+    *,
+    hf_image: bool = True,
+    class_names: list[str] | None = None,
+    row_group_size: int = 4,
+    with_label: bool = True,
+) -> Path:
+    """A parquet file as dataset hubs serve images: an `image` column (Hugging Face's Image
+    feature, a struct of bytes and path, or plain binary) and an int `label` column, with the
+    ClassLabel names in the schema metadata when class_names is given."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = [s["jpg"] for s in samples]
+    if hf_image:
+        image = pa.array(
+            [{"bytes": d, "path": f"{i:05d}.jpg"} for i, d in enumerate(data)],
+            type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+        )
+    else:
+        image = pa.array(data, type=pa.binary())
+    columns = {"image": image}
+    if with_label:
+        columns["label"] = pa.array([s["label"] for s in samples], type=pa.int64())
+    table = pa.table(columns)
+    if class_names:
+        features = {
+            "image": {"_type": "Image"},
+            "label": {"names": class_names, "_type": "ClassLabel"},
+        }
+        meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+        table = table.replace_schema_metadata(meta)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path

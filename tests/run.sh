@@ -3,7 +3,7 @@
 #  1. Debian packages: SLURM + munge (integration tests against a real SLURM), and the
 #     system libraries the ffcv extra compiles against. Installed only when missing.
 #  2. A virtualenv at .venv (or $VENV) with the package, its test extras, pinned by .ci/constraints.txt.
-#  3. A single-node SLURM cluster (tests/slurm/setup_slurm.sh), stopped again on exit.
+#  3. A two-node SLURM cluster on this machine (tests/slurm/setup_slurm.sh), stopped again on exit.
 #  4. pytest over tests/ (unit + integration). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ echo "== installing ddpm-scale[test,ffcv] into $VENV"
 "$VENV/bin/python" -m pip install -q -c .ci/constraints.txt -e ".[test,ffcv]"
 export PATH="$PWD/$VENV/bin:$PATH"
 
-echo "== starting SLURM"
+echo "== starting SLURM (two nodes on this machine)"
 bash tests/slurm/setup_slurm.sh
 trap 'bash tests/slurm/stop_slurm.sh || true' EXIT
 

@@ -25,15 +25,39 @@ _CKPT_RE = re.compile(r"^ckpt-(\d{12})\.pt$")
 REQUIRED_KEYS = ("model", "ema", "optimizer", "train_state", "config", "fingerprint")
 
 
-def _to_host(obj: Any) -> Any:
-    """A deep copy with every tensor on the CPU: the only part of a save the training step waits for."""
+def _to_host(obj: Any, cuda_copies: list[torch.Tensor]) -> Any:
+    """A deep copy with every tensor on the CPU: the only part of a save the training step waits for.
+
+    CUDA tensors go into pinned buffers with the same strides by ``non_blocking`` copies on the
+    current stream (appended to ``cuda_copies``): the host does not wait, and the next optimizer
+    step, queued behind them on the same stream, cannot overwrite a weight before it is copied.
+    The writer thread waits for the copies' event before reading the buffers.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        t = obj.detach()
+        if t.is_cuda and t.is_non_overlapping_and_dense():
+            # pinned blocks come from torch's caching host allocator: the next save reuses them
+            buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            cuda_copies.append(buf)
+            return buf
+        return t.to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
+        return {k: _to_host(v, cuda_copies) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(_to_host(v) for v in obj)
+        return type(obj)(_to_host(v, cuda_copies) for v in obj)
     return obj
+
+
+def host_copy(state: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(host copy of ``state``, an event to wait on before reading it, or None when already complete)."""
+    cuda_copies: list[torch.Tensor] = []
+    host_state = _to_host(state, cuda_copies)
+    if not cuda_copies:
+        return host_state, None
+    done = torch.cuda.Event()
+    done.record()  # after the last copy on the current stream
+    return host_state, done
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,24 +110,28 @@ class CheckpointManager:
     def save(self, state: dict[str, Any], nimg: int, best: str | None = None) -> Path:
         """Copy ``state`` to host memory, then write it (in the background if configured)."""
         self.wait()  # one write at a time; also surfaces an earlier background error
-        host_state = _to_host(state)
+        host_state, copied = host_copy(state)
         path = self.dir / ckpt_name(nimg)
         if self.async_write:
             self._thread = threading.Thread(
-                target=self._write_guarded, args=(host_state, path, nimg, best), name="ckpt-writer", daemon=False
+                target=self._write_guarded, args=(host_state, path, nimg, best, copied), name="ckpt-writer",
+                daemon=False,
             )
             self._thread.start()
         else:
-            self._write(host_state, path, nimg, best)
+            self._write(host_state, path, nimg, best, copied)
         return path
 
-    def _write_guarded(self, state: dict[str, Any], path: Path, nimg: int, best: str | None) -> None:
+    def _write_guarded(self, state: dict[str, Any], path: Path, nimg: int, best: str | None,
+                       copied: Any = None) -> None:
         try:
-            self._write(state, path, nimg, best)
+            self._write(state, path, nimg, best, copied)
         except BaseException as e:  # re-raised in the training thread by wait()
             self._error = e
 
-    def _write(self, state: dict[str, Any], path: Path, nimg: int, best: str | None) -> None:
+    def _write(self, state: dict[str, Any], path: Path, nimg: int, best: str | None, copied: Any = None) -> None:
+        if copied is not None:
+            copied.synchronize()  # the device-to-host copies have landed in the pinned buffers
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:

@@ -2,8 +2,10 @@
 
 Precedence is CLI > file > defaults. Every field carries a one-line doc in its
 ``metadata["help"]``; unknown keys and wrong types are errors that name the key
-and the nearest valid one. The model, diffusion, data and evaluation sections
-are the dataclasses of the modules that own them, so nothing is declared twice.
+and the nearest valid one. The model, diffusion and data sections are the
+dataclasses of the layers that own them (models/, data_pipeline/), so nothing is
+declared twice; the trainer's own sections, evaluation included, live here. This
+module imports nothing of the trainer: every other trainer module may import it.
 """
 
 from __future__ import annotations
@@ -193,6 +195,9 @@ FINGERPRINT_FIELDS = (
     "ema.decays",
     "ema.warmup",
 )
+# How attention was asked for, not what the model is: the resolved model.attn_resolutions is
+# fingerprinted, so runs started before model.attn_levels existed still resume.
+FINGERPRINT_IGNORED = ("model.attn_levels",)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -323,6 +328,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build the config: defaults, then the YAML file, then the dotted CLI overrides."""
     cfg = Config()
+    given: set[str] = set()  # dotted keys the file or the command line set
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -332,10 +338,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         _merge_into(cfg, data)
+        given |= set(flatten(data))
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(cfg, key, value)
+        given.add(key)
+    # UNetConfig cannot tell an attn_resolutions equal to its default from an unset one; the sources can.
+    asked = cfg.model.attn_resolutions if "model.attn_resolutions" in given else None
     validate_fields(cfg)
+    if asked is not None and cfg.model.attn_levels and set(asked) != set(cfg.model.attn_resolutions):
+        raise ConfigError(f"model.attn_levels={list(cfg.model.attn_levels)} and model.attn_resolutions="
+                          f"{list(asked)} both place attention: set one of them "
+                          "(model.attn_levels=[] to use model.attn_resolutions)")
     return cfg
 
 
@@ -348,6 +362,9 @@ def validate_fields(cfg: Config) -> None:
                 validate()
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    if cfg.model.num_classes > 0 and not cfg.data.use_labels:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} needs class labels but data.use_labels is "
+                          "false (it would train on no labels): set data.use_labels=true, or model.num_classes=0")
     t = cfg.train
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision: expected auto, bf16 or fp32, got {t.precision!r}")
@@ -448,7 +465,7 @@ def fingerprint_fields(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     flat = flatten(cfg_dict)
     keep = {}
     for k, v in flat.items():
-        if k.split(".")[0] in FINGERPRINT_SECTIONS or k in FINGERPRINT_FIELDS:
+        if (k.split(".")[0] in FINGERPRINT_SECTIONS or k in FINGERPRINT_FIELDS) and k not in FINGERPRINT_IGNORED:
             keep[k] = v
     return keep
 

@@ -7,16 +7,25 @@ MASTER_ADDR, MASTER_PORT); the SLURM launcher sets the same variables.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib
+import json
 import logging
 import os
+import secrets
 import signal
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from trainer.config import ConfigError
+from trainer.run_lock import RunDirLocked, RunLock, StepRecord
 
 log = logging.getLogger("ddpm")
 
@@ -30,6 +39,8 @@ class DistInfo:
     local_rank: int
     device: torch.device
 
+
+T = TypeVar("T")
 
 _control_group: Any = None  # a gloo group for host-side flags (stop requests), so they never sync the GPU
 
@@ -60,12 +71,49 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_distributed(backend: str = "auto", init_timeout_s: int = 1800) -> DistInfo:
-    """Join the process group described by the torchrun environment and pick the device."""
+def wait_for_endpoint(addr: str, port: int, timeout_s: float, *, poll_s: float = 1.0) -> None:
+    """Wait until ``addr:port`` accepts a TCP connection; a ConfigError naming it after ``timeout_s``.
+
+    Under SLURM every rank starts at once and rank 0 opens the rendezvous store in
+    init_process_group; the other ranks would otherwise wait the whole (long) start-up timeout
+    for a rank 0 that is not coming, and then fail with a traceback.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=min(5.0, timeout_s)).close()
+            return
+        except socket.gaierror as e:
+            last = e  # DNS may lag behind a freshly booted node: retried like a refused connection
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            why = (f"MASTER_ADDR={addr} does not resolve on this host (add the node names to DNS or "
+                   f"/etc/hosts)" if isinstance(last, socket.gaierror) else f"last error: {last}")
+            raise ConfigError(
+                f"rendezvous endpoint {addr}:{port} did not answer within {timeout_s:.0f} s "
+                f"(rank {os.environ.get('RANK', '?')} on host {socket.gethostname()}): is rank 0 running "
+                f"on {addr}, and is the port open between nodes? {why}"
+            )
+        time.sleep(poll_s)
+
+
+def init_distributed(backend: str = "auto", init_timeout_s: int = 1800,
+                     rendezvous_timeout_s: float = 300.0) -> DistInfo:
+    """Join the process group described by the torchrun environment and pick the device.
+
+    Outside torchrun (the SLURM launcher), ranks other than 0 first wait at most
+    ``rendezvous_timeout_s`` (capped by ``init_timeout_s``) for MASTER_ADDR:MASTER_PORT to answer.
+    """
     global _control_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and rank != 0 and "TORCHELASTIC_RUN_ID" not in os.environ and "MASTER_ADDR" in os.environ:
+        # (Under torchrun the agent's store is already up: its rendezvous has its own timeouts.)
+        wait_for_endpoint(os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500")),
+                          min(rendezvous_timeout_s, init_timeout_s))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -172,6 +220,120 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj, group=_control_group)
     return out
+
+
+def run_on_main(fn: Callable[[], T], errors: type[BaseException] | tuple[type[BaseException], ...]) -> T | None:
+    """``fn()`` on rank 0 only (None elsewhere); one of ``errors`` raised there is raised on every rank.
+
+    So a start-up check that fails on rank 0 (e.g. the run-directory lock) ends every rank with
+    the same one-line message instead of leaving them waiting in the next collective.
+    """
+    result, failure = None, None
+    if is_main():
+        try:
+            result = fn()
+        except errors as e:
+            failure = (type(e), str(e))
+    failure = broadcast_object(failure)
+    if failure is not None:
+        kind, msg = failure
+        raise kind(msg)
+    return result
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for r in sorted(ranks):
+        if out and out[-1].split("-")[-1] == str(r - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{r}"
+        else:
+            out.append(str(r))
+    return ", ".join(out)
+
+
+def check_same_config(flat: dict[str, Any]) -> None:
+    """Every rank runs the same resolved config, or a ConfigError names who differs and where.
+
+    Nodes that read different copies of a YAML file (an old checkout on one node), or get
+    different overrides, would otherwise train together on different settings, or hang.
+    """
+    if not is_initialized():
+        return
+    blob = json.dumps(flat, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    seen = gather_objects((digest, socket.gethostname()))
+    if len({d for d, _ in seen}) == 1:
+        return
+    flats = gather_objects(flat)  # every rank saw the mismatch: one more (rare) collective
+    ref, ref_host = flats[0], seen[0][1]
+    odd = [r for r, (d, _) in enumerate(seen) if d != seen[0][0]]
+    keys = sorted(k for k in set(ref) | set(flats[odd[0]]) if ref.get(k) != flats[odd[0]].get(k))
+    diff = "; ".join(f"{k}: {ref.get(k)!r} on rank 0 vs {flats[odd[0]].get(k)!r}" for k in keys[:3])
+    hosts = sorted({seen[r][1] for r in odd})
+    raise ConfigError(
+        f"ranks disagree on the config (fingerprint {seen[0][0]} on rank 0, host {ref_host}): "
+        f"rank(s) {_ranges(odd)} on host(s) {', '.join(hosts)} differ: {diff}"
+        f"{' ...' if len(keys) > 3 else ''}. Every node must run the same command, code and config files"
+    )
+
+
+def check_shared_dir(directory: str | Path, *, timeout_s: float = 30.0) -> None:
+    """Rank 0 writes a file in ``directory``; every rank must see it (a ConfigError otherwise).
+
+    The run directory must be one file system every node mounts: a node-local path of the
+    same name lets each node resume from its own checkpoints. Called with the same path on every
+    rank; waits up to ``timeout_s`` for file systems with attribute caching (NFS).
+    """
+    if not is_initialized():
+        return
+    directory = Path(directory)
+    token = secrets.token_hex(8) if is_main() else None
+    probe_name = broadcast_object(f".shared-check-{token}" if is_main() else None)
+    probe = directory / probe_name
+    if is_main():
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text(probe_name)
+    barrier()  # rank 0's write happens before anyone looks
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            seen = probe.read_text() == probe_name
+        except OSError:
+            seen = False
+        if seen or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    results = gather_objects((seen, socket.gethostname()))
+    if is_main():
+        probe.unlink(missing_ok=True)
+    blind = [r for r, (ok, _) in enumerate(results) if not ok]
+    if blind:
+        hosts = sorted({results[r][1] for r in blind})
+        raise ConfigError(
+            f"run directory {directory} is not shared: a file rank 0 (host {results[0][1]}) wrote there "
+            f"is not visible after {timeout_s:.0f} s to rank(s) {_ranges(blind)} on host(s) "
+            f"{', '.join(hosts)}. Put run.dir on a file system every node mounts (NFS, Lustre, GPFS)"
+        )
+
+
+def claim_run_dir(run_dir: str | Path, flat_config: dict[str, Any], rank: int,
+                  collective_timeout_s: float) -> tuple[RunLock | None, StepRecord]:
+    """Multi-node start-up, before anything in ``run_dir`` is touched; one-line errors on every rank.
+
+    Every rank runs the same config; rank 0 takes the run-directory lock (a second live job is
+    refused); every node sees the run directory; then this rank's step record starts, its
+    heartbeat a sixth of the collective timeout (at most 10 s) so a silent rank stands out
+    long before the others time out. Returns (the lock on rank 0, else None; the record).
+    """
+    check_same_config(flat_config)
+    try:
+        lock = run_on_main(lambda: RunLock.acquire(run_dir), RunDirLocked)
+    except RunDirLocked as e:
+        raise ConfigError(str(e)) from None  # a second job is a user error: exit 2, never requeued
+    check_shared_dir(run_dir)
+    attempt = broadcast_object(secrets.token_hex(6) if is_main() else None)  # names this attempt's records
+    return lock, StepRecord(run_dir, rank, run=attempt, interval_s=max(1.0, min(10.0, collective_timeout_s / 6)))
 
 
 class StopRequest:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_pipeline.loader import ReshardNeeded
 from models.diffusion import GaussianDiffusion
 from models.flops import training_flops_per_image
 from models.unet import UNet, count_parameters
@@ -121,7 +122,7 @@ def restore_loader(loader: Any, states: list[Any], rank: int, world_size: int) -
         try:
             loader.load_state_dict(states[rank])
             return
-        except ValueError as e:  # e.g. data.num_workers changed: the loader asks for the reshard form
+        except ReshardNeeded as e:  # e.g. data.num_workers changed: the loader asks for the reshard form
             reason = str(e)
     else:
         reason = f"world size changed from {len(states)} to {world_size}"
@@ -246,6 +247,10 @@ def train(cfg: Config, info: du.DistInfo) -> int:
     plan = plan_batches(cfg, info.world_size)
     run_dir, rank, world, device, B = cfg.run_dir, info.rank, info.world_size, info.device, plan.global_batch
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str((run_dir / "inductor_cache").resolve()))
+    # --- claim the run directory before touching it: the same config on every rank, one live job
+    # per run directory (rank 0 holds run.lock), a directory every node sees; then this rank's
+    # "last step reached" record with its heartbeat (ranks/rank<k>.json)
+    lock, record = du.claim_run_dir(run_dir, flatten(to_dict(cfg)), rank, cfg.dist.timeout_s)
     ckpt = prepare_run_dir(cfg)
 
     # --- build: data first, so a bad data path fails before any GPU work
@@ -265,6 +270,9 @@ def train(cfg: Config, info: du.DistInfo) -> int:
         log.info("run %s already finished at step %d (%d images); nothing to do. Raise train.total_images "
                  "to train longer.", run_dir, state.nimg // B, state.nimg)
         loader.close()
+        record.close("finished")
+        if lock is not None:
+            lock.release()
         return EXIT_OK
 
     # --- the rest of the run: wrapped model, EMA sampling copy, monitors, evaluation, signals
@@ -294,6 +302,7 @@ def train(cfg: Config, info: du.DistInfo) -> int:
         while True:
             step = state.nimg // B
             done = state.nimg >= cfg.train.total_images
+            record.reached(step, state.nimg)  # in memory; the heartbeat thread writes it
 
             # --- status: reduced metrics, console line, TensorBoard (sync point: log steps only)
             if progress.due(cfg.log.every_images, state.nimg) or done:
@@ -345,11 +354,19 @@ def train(cfg: Config, info: du.DistInfo) -> int:
         # The final checkpoint is complete before any rank exits: under torchrun the first
         # rank to exit makes the agent SIGTERM the others, which must not cut rank 0's write.
         ckpt.wait()
+        monitor.flush()  # the last TensorBoard events too, before a peer's exit can end this task
         du.barrier()
     except NonFiniteLossError as e:
         log.error("%s", e)
         exit_code = EXIT_ERROR
+    except Exception:
+        # e.g. a collective that timed out or lost its peer: name the rank that went silent
+        exit_code = EXIT_ERROR
+        if why := record.diagnose_failure(world):
+            log.error("%s", why)
+        raise
     finally:
+        record.close({EXIT_OK: "finished", EXIT_REQUEUE: "stopped"}.get(exit_code, "failed"))
         ckpt.wait()
         stop.uninstall()
         monitor.flush()
@@ -357,6 +374,8 @@ def train(cfg: Config, info: du.DistInfo) -> int:
             monitor.hparams(flatten(to_dict(cfg)), {"hparam/best_fid": state.best_fid})
         monitor.close()
         loader.close()
+        if lock is not None:
+            lock.release()  # after the last checkpoint write
     return exit_code
 
 

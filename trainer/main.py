@@ -6,15 +6,19 @@
 
 Exit codes: 0 finished (or already finished), 75 stopped by a signal after a
 checkpoint (requeue and run the same command again), 2 configuration error,
-1 any other failure.
+1 any other failure, 130 interrupted before a checkpoint could be written. Under
+torchrun the shell sees torchrun's code instead (1 for anything but 0), so the
+reason also goes into torchrun's failure summary (its error file).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -52,6 +56,35 @@ def find_config(name_or_path: str) -> Path:
     return found
 
 
+def tell_torchrun(message: str) -> None:
+    """Put the one-line reason into this worker's torchrun error file, if torchrun gave one.
+
+    torchrun's ChildFailedError summary shows it as the root cause's "traceback" instead of a
+    link to its docs (the error-file format of torch.distributed.elastic's ErrorHandler).
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+    try:
+        Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
+    except OSError:
+        pass  # only a nicer summary is lost
+
+
+def explain_stop(code: int, rank: int) -> None:
+    """After a signal stop under torchrun: say what torchrun's own report of it means."""
+    if code != EXIT_REQUEUE or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    sig = stop_signal() or "a signal"
+    tell_torchrun(f"stopped by {sig} with a checkpoint (exit code {code}); run the same command again to resume")
+    if rank == 0 and sig == "SIGINT":
+        # A terminal's Ctrl-C reaches only torchrun (its workers have their own sessions); it
+        # forwards it to us and re-raises it as SignalException once we exit, whatever our code.
+        log.info("torchrun now prints a SignalException traceback and exits with 1: that is its report of "
+                 "the %s it forwarded, not a crash. The checkpoint is complete.", sig)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """--config, --dry-run, --help-config, then key=value overrides."""
     p = argparse.ArgumentParser(
@@ -77,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(find_config(args.config), args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
+        tell_torchrun(f"config error: {e}")
         return EXIT_CONFIG
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:
@@ -99,18 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank, cfg.run_dir / "logs" / f"rank{rank}.log")
     try:
         info = du.init_distributed(cfg.dist.backend, cfg.dist.init_timeout_s)
-        return train(cfg, info)
+        code = train(cfg, info)
+        explain_stop(code, rank)
+        return code
     except ConfigError as e:
         log.error("config error: %s", e)
+        tell_torchrun(f"config error: {e}")
         return EXIT_CONFIG
     except (FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, e)
+        tell_torchrun(f"{type(e).__name__}: {e}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        log.error("interrupted twice: exiting without a checkpoint")
+        # A Ctrl-C during start-up (before the stop handler is installed) or a second one.
+        log.error("interrupted: exiting without writing a checkpoint; the last complete one is kept")
+        tell_torchrun("interrupted without a checkpoint; the last complete one is kept")
         return 130
-    except Exception:
+    except Exception as e:
         log.error("training failed:\n%s", traceback.format_exc())
+        tell_torchrun(f"training failed: {type(e).__name__}: {e} (traceback in {cfg.run_dir}/logs/rank{rank}.log)")
         return EXIT_ERROR
     finally:
         from trainer import distributed as du

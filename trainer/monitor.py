@@ -19,7 +19,11 @@ log = logging.getLogger("ddpm")
 
 
 def setup_logging(rank: int, log_file: Path | None = None) -> None:
-    """Console logging on rank 0 (warnings from every rank), plus a per-rank log file."""
+    """Console logging on rank 0 (warnings and errors from every rank), plus a per-rank log file.
+
+    Progress and warnings go to stdout, errors to stderr: the line that names a fix lands where
+    a shell (``2>``) and SLURM (``*_log.err``) keep errors.
+    """
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger("ddpm")
     root.setLevel(logging.INFO)
@@ -29,7 +33,12 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.addFilter(lambda record: record.levelno < logging.ERROR)
     root.addHandler(console)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setFormatter(fmt)
+    errors.setLevel(logging.ERROR)
+    root.addHandler(errors)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)

@@ -17,6 +17,7 @@ from torch import nn
 
 from models.diffusion import drop_labels
 from trainer import distributed as du
+from trainer.build import memory_format as model_memory_format
 from trainer.config import Config
 
 
@@ -32,24 +33,27 @@ def lr_at(cfg: Config, nimg: int) -> float:
     return cfg.train.lr * min(1.0, (nimg + cfg.train.batch_size) / w) if w > 0 else cfg.train.lr
 
 
-
-
 def forward_backward(train_model: nn.Module, diffusion, batch: dict[str, torch.Tensor], cfg: Config,
                      device: torch.device, gen: torch.Generator, amp_dtype: torch.dtype | None, *, seed: int,
-                     scale: float = 1.0, sync_grads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float = 1.0, sync_grads: bool = True,
+                     memory_format: torch.memory_format | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch: uint8 -> [-1, 1] on the device, draw (t, eps), loss (eq. 14), backward.
 
-    Returns the per-sample losses (b,) and their timesteps (b,), still on the device.
+    ``memory_format`` is the model's layout (default: ``trainer.build.memory_format``); the
+    input is put in it so no convolution converts layouts and every weight gradient comes out
+    in its weight's layout. Returns the per-sample losses (b,) and their timesteps (b,), still
+    on the device. No host sync: nothing here reads a device value.
     """
+    fmt = memory_format if memory_format is not None else model_memory_format(cfg, device)
     x = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W) uint8, pinned by the loader
-    x0 = x.float().div_(127.5).sub_(1.0)  # [-1, 1]
-    if cfg.train.channels_last and device.type == "cuda":
-        x0 = x0.contiguous(memory_format=torch.channels_last)
-    gen.manual_seed(seed)
-    torch.manual_seed(seed ^ 0x5DEECE66D)  # dropout draws
+    # One kernel for the dtype and the layout (the loader's batches are channels_last uint8).
+    x0 = x.to(torch.float32, memory_format=fmt).div_(127.5).sub_(1.0)  # [-1, 1]
+    gen.manual_seed(seed)  # a generator on the device: no host round trip
+    torch.manual_seed(seed ^ 0x5DEECE66D)  # dropout draws (eager and inductor read the default generator)
     T = diffusion.num_timesteps
     t = torch.randint(0, T, (x0.shape[0],), generator=gen, device=device)  # t ~ U{1..T}, 0-indexed
     noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)  # eps ~ N(0, I)
+    noise = noise.contiguous(memory_format=fmt)  # same values, the model's layout (x_t follows)
     y = None
     if cfg.model.num_classes > 0:
         y = drop_labels(batch["label"].to(device, non_blocking=True), cfg.train.label_dropout, gen)
@@ -65,14 +69,22 @@ def forward_backward(train_model: nn.Module, diffusion, batch: dict[str, torch.T
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, fused: bool,
                    grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip, then AdamW; a non-finite gradient skips the update. Returns (grad norm, found_inf) on the device."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), grad_clip if grad_clip > 0 else float("inf"), foreach=True
-    )
+    """Clip, then AdamW; a non-finite gradient skips the update. Returns (grad norm, found_inf) on the device.
+
+    With the fused AdamW nothing here reads a device value, so the host never waits for the GPU.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)  # no sync: clamp on device
+    else:  # only the norm (for logging and the skip): no multiply of every gradient by 1.0
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     found_inf = (~torch.isfinite(grad_norm)).float()  # a non-finite loss makes the norm non-finite
     if fused:
-        # The fused AdamW kernel skips the update (and un-counts the step) when
-        # found_inf is 1, on the device: the GradScaler protocol, without a sync.
+        # The fused AdamW kernel skips the update when found_inf is 1 (the GradScaler protocol,
+        # without a sync): params, exp_avg and exp_avg_sq are untouched, and step is
+        # incremented and then decremented by found_inf (torch/optim/adam.py _fused_adam, the
+        # same since torch 2.1; the kernels return early on *found_inf == 1). Proven per torch
+        # version and device by tests/unit/test_fused_adamw_skip.py (CUDA: python -m trainer.gpu_check).
         optimizer.found_inf = found_inf
         optimizer.grad_scale = None
         optimizer.step()

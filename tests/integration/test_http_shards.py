@@ -75,3 +75,67 @@ def test_http_resume_and_missing_shard(served: tuple[str, Path]) -> None:
     assert torch.equal(torch.cat(got), ref)
     with pytest.raises(FileNotFoundError):
         build_loader(DataConfig(shards=url + "/missing.json"), **kw)
+
+
+class CountingHandler(QuietHandler):
+    """Static files; counts the bytes of .tar files served (class attribute, reset by the tests)."""
+
+    tar_bytes = 0
+
+    def copyfile(self, source, outputfile) -> None:
+        if self.path.split("?")[0].endswith(".tar"):
+            data = source.read()
+            CountingHandler.tar_bytes += len(data)
+            outputfile.write(data)
+        else:
+            super().copyfile(source, outputfile)
+
+
+@pytest.fixture(scope="module")
+def served_wds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[dict], Path]]:
+    """ShardWriter shards (varied sizes, labels, no manifest) behind an HTTP server."""
+    from tests.data_helpers import write_wds_shards
+
+    root = tmp_path_factory.mktemp("http-wds")
+    samples = write_wds_shards(root, 4, 6, min_size=10, max_size=40)
+    handler = functools.partial(CountingHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", samples, root
+    server.shutdown()
+    server.server_close()
+
+
+def test_manifestless_http_shards_start_without_reading_them(served_wds) -> None:
+    url, samples, _ = served_wds
+    spec = url + "/part-{0000..0003}.tar"
+    CountingHandler.tar_bytes = 0
+    cfg = DataConfig(shards=spec, image_size=16, num_workers=1, use_labels=True, num_classes=3)
+    loader = build_loader(cfg, batch_size=4, rank=0, world_size=2, seed=0)
+    assert CountingHandler.tar_bytes == 0  # start-up: no shard byte crossed the network
+    batch = next(iter(loader))
+    loader.close()
+    assert batch["image"].shape == (4, 3, 16, 16) and set(batch["label"].tolist()) <= {0, 1, 2}
+    assert CountingHandler.tar_bytes > 0
+
+
+def test_prepare_from_http_shards_keeps_labels(served_wds, tmp_path: Path) -> None:
+    import json
+    from collections import Counter
+
+    from data_pipeline.prepare import prepare
+    from data_pipeline.shards import iter_tar
+
+    url, samples, root = served_wds
+    CountingHandler.tar_bytes = 0
+    man = prepare(url + "/part-{0000..0003}.tar", tmp_path / "out", image_size=16, progress=False)
+    labels = Counter(
+        int(parts["cls"])
+        for shard in sorted((tmp_path / "out").glob("shard-*.tar"))
+        for _, parts in iter_tar(str(shard), lambda *a: None)
+    )
+    assert labels == Counter(s["label"] for s in samples)
+    assert json.loads(man.read_text())["num_samples"] == len(samples)
+    # Every remote shard crossed the network exactly once (staged, then shuffled locally).
+    assert CountingHandler.tar_bytes == sum(p.stat().st_size for p in root.glob("*.tar"))

@@ -22,7 +22,8 @@ def _run_dir(root: Path, num_classes: int) -> Path:
     """A run directory holding one checkpoint of a tiny (un)conditional UNet, as the trainer writes it."""
     run_dir = root / f"run{num_classes}"
     cfg = load_config(repo / "tests" / "configs" / "tiny.yaml",
-                      [f"run.dir={run_dir}", f"model.num_classes={num_classes}", "diffusion.timesteps=20"])
+                      [f"run.dir={run_dir}", f"model.num_classes={num_classes}", f"data.use_labels={num_classes > 0}",
+                       "diffusion.timesteps=20"])
     torch.manual_seed(0)
     sd = UNet(cfg.model).state_dict()
     cfg_dict = to_dict(cfg)

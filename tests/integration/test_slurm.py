@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from launch import slurm_env
-from launch.submit import config_path, decide, parse_time_min, resolve_run_dir, submit
+from launch.submit import config_path, parse_time_min, resolve_run_dir, submit
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -74,16 +74,11 @@ def test_torchrun_env_from_slurm() -> None:
         slurm_env.torchrun_env({})
 
 
-def test_time_parsing_and_exit_code_decision(tmp_path: Path) -> None:
+def test_time_parsing_and_run_dir(tmp_path: Path) -> None:
     assert parse_time_min("90") == 90
     assert parse_time_min("1:30:00") == 90
     assert parse_time_min("2-00:00:00") == 2880
     assert parse_time_min("0:30") == 1  # 30 s rounds up to one minute
-    assert decide(0, restarts=0, max_requeues=3) == "done"
-    assert decide(slurm_env.EXIT_REQUEUE, restarts=2, max_requeues=3) == "requeue"
-    assert decide(slurm_env.EXIT_REQUEUE, restarts=3, max_requeues=3) == "fail"
-    assert decide(2, restarts=0, max_requeues=3) == "fail"
-    assert decide(1, restarts=0, max_requeues=3) == "fail"
     assert resolve_run_dir(str(TINY), [], None) == Path("runs/tiny").absolute()
     assert resolve_run_dir(str(TINY), [f"run.dir={tmp_path}"], None) == tmp_path
     # A preset name resolves like the trainer's --config (configs/<name>.yaml).
@@ -106,6 +101,8 @@ def test_dry_run_shows_job_script(tmp_path: Path, capsys: pytest.CaptureFixture[
                  "--cpus-per-task=12", "--exclude='bad[1-2]'", "--job-name=church",
                  "--signal=USR2@240", "--requeue"]:
         assert f"#SBATCH {line}" in out, line
+    # One dead task ends the step; the batch script decides after it (requeue, fail, done).
+    assert "--kill-on-bad-exit=1" in out and "-m launch.submit --after-step --srun-exit $?" in out
     assert f"{tmp_path}/run/slurm/%j_%t_log.out" in out  # per-rank logs in the run directory
     assert f"train.lr=2e-4 run.dir={tmp_path}/run" in out
     assert "TORCHINDUCTOR_CACHE_DIR=/shared/inductor" in out
@@ -339,7 +336,7 @@ def test_time_limit_warning_stops_and_requeues(slurm: None, tmp_path: Path) -> N
     logs = all_logs(run_dir)
     assert int(info["Restarts"]) == 1, logs[-3000:]
     assert "received SIGUSR2" in logs or "caught SIGUSR2" in logs  # trainer / stand-in wording
-    assert "exited with 75 -> requeue" in logs
+    assert "exited with 75 (SIGUSR2)" in logs and "requeued job" in logs
     assert_resumed_where_stopped(logs)
     assert took < 150  # stopped by the warning, well before the 3-minute limit
 

@@ -3,7 +3,9 @@
 It lets the SLURM tests exercise the launcher's mechanics in seconds: a gloo all-reduce of
 the stop flag each step (all ranks stop at one step), checkpoints written atomically by
 rank 0 with a `latest` pointer, "resumed from ..." logged, TensorBoard `train/loss` per step.
-The launcher runs it with `--entry tests.slurm.standin_trainer:main`.
+The launcher runs it with `--entry tests.slurm.standin_trainer:main`. `standin.crash_at_images=N`
+makes rank `standin.crash_rank` (default 1) fail with exit code 1 once N images are reached, on
+every run: a deterministic crash.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def stop_signal() -> str | None:
     return _last["signal"]
 
 
-_known = {"run.dir", "data.shards", "log.sample_every_images", "train.total_images", "train.batch_size", "checkpoint.every_images", "standin.step_s"}
+_known = {"run.dir", "data.shards", "log.sample_every_images", "train.total_images", "train.batch_size",
+          "checkpoint.every_images", "standin.step_s", "standin.crash_at_images", "standin.crash_rank"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--config")
         del argv[i : i + 2]
     cfg = {"train.total_images": "320", "train.batch_size": "8", "checkpoint.every_images": "16",
-           "standin.step_s": "0.5"}
+           "standin.step_s": "0.5", "standin.crash_at_images": "0", "standin.crash_rank": "1"}
     for kv in argv:
         key, _, value = kv.partition("=")
         if key not in _known:
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             writer.flush()
         if nimg % every == 0 or nimg >= total:
             save()
+        crash_at = int(cfg["standin.crash_at_images"])
+        if crash_at and nimg >= crash_at and rank == int(cfg["standin.crash_rank"]):
+            print(f"standin: rank {rank} crashes at {nimg} images (standin.crash_at_images)", flush=True)
+            return 1
     if writer:
         writer.close()
     if world > 1:

@@ -20,7 +20,12 @@ stop_pidfile() {  # name pidfile
     fi
 }
 
-grep -qx slurmd "$started" && stop_pidfile slurmd "$state/slurmd.pid"
+# One slurmd per node ("slurmd <node>"; plain "slurmd" from the former single-node setup).
+while read -r name node; do
+    [ "$name" = slurmd ] || continue
+    if [ -n "$node" ]; then stop_pidfile "slurmd -N $node" "$state/slurmd-$node.pid"
+    else stop_pidfile slurmd "$state/slurmd.pid"; fi
+done < "$started"
 grep -qx slurmctld "$started" && stop_pidfile slurmctld "$state/slurmctld.pid"
 if grep -qx munged "$started"; then
     for f in /run/munge/munged.pid /var/run/munge/munged.pid; do

@@ -194,7 +194,7 @@ def test_corrupt_samples_and_truncated_shard(
     bad_key, shard0 = _corrupt(out)
     cfg = cfg_for(out, max_bad_fraction=0.5)
     loader = build_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0)
-    with caplog.at_level(logging.WARNING, logger="data_pipeline"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
         got = 0
         for _ in take(loader, 40):
             got += 1
@@ -240,12 +240,15 @@ def test_startup_errors(shards: Path, tmp_path: Path) -> None:
         build(str(tmp_path / "nothing-{000..003}.tar"))
     with pytest.raises(FileNotFoundError, match="do not exist"):
         build(str(shards / "shard-{000000..000020}.tar"))
-    with pytest.raises(FileNotFoundError, match="without manifest"):
+    with pytest.raises(FileNotFoundError, match="neither manifest.json nor .tar shards.*ddpm-prepare"):
         build(str(tmp_path))
-    with pytest.raises(ValueError, match="need at least 16"):
+    # 53 samples in 11 shards, 16 workers: the message names a --shard-size that gives enough.
+    with pytest.raises(ValueError, match="at least 16: re-prepare with --shard-size 3"):
         build_loader(cfg_for(shards, num_workers=4), batch_size=2, rank=0, world_size=4, seed=0)
-    with pytest.raises(ValueError, match="image_size=32"):
-        build(str(shards), image_size=32)
+    # Another size than the manifest's: resized in the loader, or refused with data.crop=none.
+    assert next(iter(build(str(shards), image_size=32)))["image"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="data.crop=none: set data.crop=center"):
+        build(str(shards), image_size=32, crop="none")
     # A brace pattern without a usable manifest still works (counts and size read from the tars).
     man = json.loads((shards / "manifest.json").read_text())
     lo = build(str(shards / "shard-{000000..000010}.tar"))
@@ -297,3 +300,19 @@ def test_gpu_decode_matches_cpu(shards: Path) -> None:
         assert (g["image"].float().cpu() - c["image"].float()).abs().mean() < 3.0
     gpu.close()
     cpu.close()
+
+
+def test_state_of_the_previous_version_still_resumes_exactly(shards: Path) -> None:
+    import hashlib
+
+    cfg = cfg_for(shards, hflip=True)
+    a = build_loader(cfg, batch_size=3, rank=0, world_size=1, seed=4)
+    take(a, 3)
+    st = a.state_dict()
+    names = "\n".join(u.rsplit("/", 1)[-1] for u in a.shards.urls)
+    # Version 1: names-only fingerprint, counters [bad, seen].
+    st.update(version=1, shards_fingerprint=hashlib.sha256(names.encode()).hexdigest()[:16])
+    st["counters"] = [c[:2] for c in st["counters"]]
+    b = build_loader(cfg, batch_size=3, rank=0, world_size=1, seed=4)
+    b.load_state_dict(st)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(take(a, 4), take(b, 4)))

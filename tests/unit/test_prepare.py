@@ -6,7 +6,12 @@ import hashlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,15 @@ import pytest
 from PIL import Image
 
 from data_pipeline.prepare import main, prepare
-from tests.data_helpers import make_image_folder, make_lsun_lmdb, make_odd_files
+from tests.data_helpers import (
+    make_image_folder,
+    make_lsun_lmdb,
+    make_odd_files,
+    write_parquet,
+    write_wds_shards,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
@@ -113,9 +126,19 @@ def test_rerun_keeps_finished_shards(tmp_path: Path) -> None:
     assert after["shard-000002.tar"] == before["shard-000002.tar"]
     assert "shard-000001.tar" in after and man["num_samples"] == 9
     assert not list(out.glob(".shard-*"))
-    # Different options: shards are rewritten, not silently reused.
-    man = json.loads(prepare(src, out, image_size=8, shard_size=3, progress=False).read_text())
+    # Different options: refused (naming the option), rebuilt only when asked to.
+    with pytest.raises(ValueError, match="--size 16 \\(now 8\\).*--overwrite"):
+        prepare(src, out, image_size=8, shard_size=3, progress=False)
+    prepare(src, out, image_size=8, shard_size=3, progress=False, overwrite=True)
     assert decode(next(iter(read_shards(out).values()))["jpg"]).shape == (8, 8, 3)
+    # The source lost images: the shards beyond the new count go, nothing stale is left behind.
+    for p in sorted(src.glob("*.png"))[:4]:
+        p.unlink()
+    man = json.loads(prepare(src, out, image_size=8, shard_size=3, progress=False).read_text())
+    assert man["num_samples"] == 5 and sorted(p.name for p in out.glob("shard-*.tar")) == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+    ]
 
 
 def test_lsun_lmdb(tmp_path: Path) -> None:
@@ -147,7 +170,7 @@ def test_clear_errors_before_work(tmp_path: Path) -> None:
         prepare(tmp_path / "missing", tmp_path / "out", image_size=16, progress=False)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("x")
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="holds no images"):
         prepare(tmp_path / "empty", tmp_path / "out", image_size=16, progress=False)
     assert not (tmp_path / "out").exists()  # nothing was started
     assert main([str(tmp_path / "missing"), str(tmp_path / "o"), "--size", "8"]) == 2
@@ -174,3 +197,203 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert man["options"]["quality"] == 80 and len(man["shards"]) == 2
     assert os.fspath(tmp_path / "out" / "manifest.json") in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- other sources
+
+
+def labels_by_image(out: Path) -> Counter:
+    """(decoded pixels, label) pairs of prepared shards, to compare label by label."""
+    return Counter((decode(p["jpg"]).tobytes(), int(p["cls"])) for p in read_shards(out).values())
+
+
+def reference_pairs(samples: list[dict], size: int) -> Counter:
+    """The same pairs made from the source samples with the same functions."""
+    from data_pipeline.images import decode_image, encode_image, resize_crop
+
+    return Counter(
+        (
+            decode(encode_image(resize_crop(decode_image(s["jpg"]), size), "jpeg", 95)).tobytes(),
+            s["label"],
+        )
+        for s in samples
+    )
+
+
+def test_from_webdataset_shards_keeps_every_label(tmp_path: Path) -> None:
+    samples = write_wds_shards(tmp_path / "src", 3, 7, min_size=10, max_size=40)
+    man = json.loads(
+        prepare(tmp_path / "src", tmp_path / "out", image_size=16, progress=False).read_text()
+    )
+    assert man["source_type"] == "shards" and man["num_samples"] == 21
+    assert man["classes"] == ["0", "1", "2"]
+    assert man["upscaled"] == sum(min(s["w"], s["h"]) < 16 for s in samples) > 0
+    assert labels_by_image(tmp_path / "out") == reference_pairs(samples, 16)
+    assert not (tmp_path / "out" / ".prepare" / "stage").exists()  # staging removed when done
+    # A brace pattern and a pipe: command give the same shards (webdataset URL forms).
+    for spec in (
+        str(tmp_path / "src" / "part-{0000..0002}.tar"),
+        f"pipe:cat {tmp_path}/src/part-{{0000..0002}}.tar",
+    ):
+        out = tmp_path / f"out{len(spec)}"
+        prepare(spec, out, image_size=16, progress=False, workers=0)
+        assert labels_by_image(out) == labels_by_image(tmp_path / "out")
+
+
+def test_json_class_names_become_classes(tmp_path: Path) -> None:
+    names = ["cat", "dog", "owl"]
+    samples = write_wds_shards(tmp_path / "src", 2, 5, label_names=names)
+    man = json.loads(
+        prepare(
+            tmp_path / "src",
+            tmp_path / "out",
+            image_size=12,
+            progress=False,
+            labels_from="json:label",
+        ).read_text()
+    )
+    assert man["classes"] == names
+    assert labels_by_image(tmp_path / "out") == reference_pairs(samples, 12)
+
+
+def test_from_parquet_keeps_every_label(tmp_path: Path) -> None:
+    samples = write_wds_shards(tmp_path / "imgs", 1, 10, min_size=10, max_size=30)
+    write_parquet(tmp_path / "pq" / "train-00000.parquet", samples[:6], class_names=["a", "b", "c"])
+    write_parquet(tmp_path / "pq" / "train-00001.parquet", samples[6:], class_names=["a", "b", "c"])
+    man = json.loads(
+        prepare(tmp_path / "pq", tmp_path / "out", image_size=16, progress=False).read_text()
+    )
+    assert man["source_type"] == "parquet" and man["num_samples"] == 10
+    assert man["classes"] == ["a", "b", "c"]  # Hugging Face ClassLabel names
+    assert labels_by_image(tmp_path / "out") == reference_pairs(samples, 16)
+    # A plain binary column without labels works too.
+    write_parquet(tmp_path / "plain.parquet", samples, hf_image=False, with_label=False)
+    man = json.loads(
+        prepare(
+            tmp_path / "plain.parquet", tmp_path / "o2", image_size=8, progress=False
+        ).read_text()
+    )
+    assert man["num_samples"] == 10 and man["classes"] == []
+
+
+def test_shard_without_images_is_one_skip_line(tmp_path: Path) -> None:
+    write_wds_shards(tmp_path / "src", 2, 4)
+    with tarfile.open(tmp_path / "src" / "part-0009.tar", "w") as tar:
+        for i in range(5):
+            info = tarfile.TarInfo(f"{i:03d}.txt")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"hi!"))
+    man = json.loads(
+        prepare(tmp_path / "src", tmp_path / "out", image_size=8, progress=False).read_text()
+    )
+    assert man["num_samples"] == 8
+    assert [s["reason"] for s in man["skipped"]] == [
+        "no image of a known type (jpg, jpeg, png, webp) in its 5 samples (parts: txt)"
+    ]
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run the prepare command as a user would (python -m, the same entry point as ddpm-prepare)."""
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipeline.prepare", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """stderr must be exactly one line, without a traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_cli_help_shows_defaults() -> None:
+    proc = cli("--help")
+    assert proc.returncode == 0
+    assert "(default: 95)" in proc.stdout and "(default: 0)" in proc.stdout
+
+
+def test_cli_summary_resume_and_changed_options(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src, 6, size=20)
+    (src / "text.jpg").write_text("not an image")
+    common = ["--shard-size", "2", "--workers", "0", "--no-progress"]
+    proc = cli(str(src), str(out), "--size", "8", *common)
+    assert proc.returncode == 0, proc.stderr
+    # --no-progress hides only the bar: the summary and a readable skip reason stay.
+    assert "prepared 6 images into 4 shards" in proc.stderr and "it/s" not in proc.stderr
+    skip = next(line for line in proc.stderr.splitlines() if "text.jpg" in line)
+    assert "not an image of a known type" in skip and "0x" not in skip and "object at" not in skip
+    # A re-run that resumes says what it kept.
+    (out / "shard-000001.tar").unlink()
+    proc = cli(str(src), str(out), "--size", "8", *common)
+    assert proc.returncode == 0 and "resuming: kept 3 of 4 shards" in proc.stderr
+    # Other options into the same folder: refused in one line naming the option and the fix.
+    proc = cli(str(src), str(out), "--size", "16", *common)
+    line = error_line(proc)
+    assert proc.returncode == 2 and "--size 8 (now 16)" in line and "--overwrite" in line
+    proc = cli(str(src), str(out), "--size", "16", "--overwrite", *common)
+    assert (
+        proc.returncode == 0 and decode(next(iter(read_shards(out).values()))["jpg"]).shape[0] == 16
+    )
+
+
+def test_cli_bad_sources_are_one_line(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"caption": ["a", "b"], "score": [1, 2]}), tmp_path / "text.parquet")
+    proc = cli(str(tmp_path / "text.parquet"), str(tmp_path / "out"), "--size", "8")
+    line = error_line(proc)
+    assert proc.returncode == 2 and "has no image column" in line and "--image-column" in line
+    proc = cli(str(tmp_path / "missing"), str(tmp_path / "out"), "--size", "8")
+    assert proc.returncode == 2 and "does not exist" in error_line(proc)
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_and_resumes(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src, 240, size=64)
+    args = [
+        sys.executable,
+        "-m",
+        "data_pipeline.prepare",
+        str(src),
+        str(out),
+        "--size",
+        "32",
+        "--shard-size",
+        "1",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+    # Its own process group, like a terminal's foreground job: Ctrl-C reaches every process.
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / ".prepare").glob("shard-*.json"))) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "finished shards are kept" in lines[0] and "run the same command again" in lines[0]
+    rerun = cli(*args[3:], timeout=300)
+    assert rerun.returncode == 0 and "resuming: kept" in rerun.stderr
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 240

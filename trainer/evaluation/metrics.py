@@ -6,15 +6,20 @@ Everything here works on features, not images, so ranks exchange a few kilobytes
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from trainer import distributed as du
 
-if TYPE_CHECKING:
-    from trainer.evaluation.reference import ReferenceStats
+
+class Reference(Protocol):
+    """What the formulas need of a reference set (trainer.evaluation.reference.ReferenceStats)."""
+
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    features: np.ndarray | None  # (M, D) subset for KID
 
 # torch-fidelity's own defaults, written down here because they are part of the protocol.
 isc_splits_default = 10
@@ -127,7 +132,7 @@ def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def compute_metrics(
     features: dict[str, torch.Tensor],
-    reference: ReferenceStats,
+    reference: Reference,
     metrics: Iterable[str] = ("fid",),
     isc_splits: int = isc_splits_default,
     kid_subsets: int = kid_subsets_default,

@@ -26,7 +26,9 @@ def load_validation_images(cfg: Config, rank: int, world_size: int,
     if not (e.val_every_images and e.val_shards):
         return None
     # The same first val_images images on every rank (a one-process view, no flips), then a rank block.
-    vcfg = dataclasses.replace(cfg.data, shards=e.val_shards, hflip=False, num_workers=0, synthetic_images=0)
+    vcfg = dataclasses.replace(cfg.data, shards=e.val_shards, hflip=False, num_workers=0, synthetic_images=0,
+                               image_size=cfg.data.image_size or cfg.model.image_size,
+                               num_classes=cfg.data.num_classes or cfg.model.num_classes)
     loader = build_loader(vcfg, batch_size=e.val_images, rank=0, world_size=1, seed=0, device=None)
     try:
         batch = next(iter(loader))
