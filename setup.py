@@ -31,7 +31,8 @@ setup(
         "ffcv": ["ffcv>=1.0.2"],
         "diffusers": ["diffusers>=0.30"],
         "parquet": ["pyarrow>=14"],  # ddpm-prepare from parquet files (dataset hubs)
-        "test": ["pytest>=8.0", "ruff>=0.6", "diffusers>=0.30", "lmdb>=1.4", "pyarrow>=14"],
+        "test": ["pytest>=8.0", "ruff>=0.6", "diffusers>=0.30", "lmdb>=1.4", "pyarrow>=14",
+                 "scikit-learn>=1.4"],  # the real digits of the convergence test (trainer.convergence)
     },
     entry_points={
         "console_scripts": [

@@ -260,6 +260,7 @@ class GaussianDiffusion:
         device: torch.device | str = "cpu",
         progress: bool = False,
         spacing: str = "leading",
+        clip_denoised: bool = True,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Draw len(seeds) images (N, C, H, W) in [-1, 1]; image k depends only on seeds[k] and y[k].
 
@@ -269,6 +270,8 @@ class GaussianDiffusion:
         intermediate_steps snapshots of x_t (x_T first, the result last) on the CPU.
         Image k's x_T and noise are bit-identical however seeds are batched; the model's own
         arithmetic may still round differently per batch size (backend conv/GEMM kernels, ~1e-7).
+        clip_denoised=False (opt-in) uses the predicted x0 unclipped at every step (the pure
+        DDIM ODE / ancestral step); only the final image is clipped to [-1, 1].
         """
         if sampler not in _SAMPLERS:
             raise ValueError(f"sampler: expected one of {list(_SAMPLERS)}, got {sampler!r}")
@@ -313,7 +316,8 @@ class GaussianDiffusion:
                 a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
                 out = self._guided_output(model, x, t, y, guidance_scale)
                 x0, _ = self.predict_x0_eps(out, x, a_t)
-                x0 = x0.clamp(-1.0, 1.0)  # the paper's sampler clips the predicted x0
+                if clip_denoised:
+                    x0 = x0.clamp(-1.0, 1.0)  # the paper's sampler clips the predicted x0
                 last = i + 1 == len(ts)
                 if sampler == "ddpm":
                     # eqs. 6-7 for the (possibly respaced) pair abar_t -> abar_prev
