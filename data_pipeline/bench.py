@@ -123,13 +123,10 @@ def ceiling(urls: list[str], seconds: float) -> dict[str, tuple[float, float]]:
     return {"decode_jpeg": rate(tv, seconds), "pil": rate(pil, seconds)}
 
 
-def recipe_loader(urls: list[str], workers: int, batch: int):
-    """The usual recipe: decode("pil") + torchvision transforms to float tensors."""
-    import torchvision.transforms as T
+def wds_pil_loader(urls: list[str], tf: Callable, workers: int, batch: int):
+    """webdataset's own pipeline: endless shards -> decode("pil") -> ``tf`` per image -> DataLoader."""
     import webdataset as wds
 
-    # flip, to float, to [-1, 1] as DDPM needs (our loader leaves that scaling to the device)
-    tf = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
     ds = (
         wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
         .repeat()
@@ -138,6 +135,15 @@ def recipe_loader(urls: list[str], workers: int, batch: int):
         .map_tuple(tf)
     )
     return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+
+
+def recipe_loader(urls: list[str], workers: int, batch: int):
+    """The usual recipe: decode("pil") + torchvision transforms to float tensors."""
+    import torchvision.transforms as T
+
+    # flip, to float, to [-1, 1] as DDPM needs (our loader leaves that scaling to the device)
+    tf = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    return wds_pil_loader(urls, tf, workers, batch)
 
 
 def memory_rate(seconds: float, batch: int) -> tuple[float, float]:
@@ -193,7 +199,6 @@ def startup_cost(spec: str, size: int, world: int, workers: int) -> dict[str, fl
 def wds_resize_pipeline(urls: list[str], size: int, workers: int, batch: int):
     """webdataset's own pipeline doing the loader's work: decode, resize, center-crop, flip, uint8."""
     import torchvision.transforms as T
-    import webdataset as wds
 
     tf = T.Compose(
         [
@@ -203,14 +208,7 @@ def wds_resize_pipeline(urls: list[str], size: int, workers: int, batch: int):
             T.PILToTensor(),  # (3, S, S) uint8: the DataLoader stacks them into a uint8 batch
         ]
     )
-    ds = (
-        wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
-        .repeat()
-        .decode("pil")
-        .to_tuple("jpg")
-        .map_tuple(tf)
-    )
-    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+    return wds_pil_loader(urls, tf, workers, batch)
 
 
 def varied_main(args: argparse.Namespace) -> int:

@@ -152,23 +152,24 @@ def _read_holder(path: Path) -> Holder | None:
         return Holder(host="?", pid=0, pid_start="", since=0.0, heartbeat=0.0, token="corrupt")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write, flush and fsync a temporary file, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as f:
+def _write_synced(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, flushed and fsynced; returns ``path``."""
+    with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write, flush and fsync a temporary file, then rename it over ``path``."""
+    tmp = _write_synced(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"), text)
     os.replace(tmp, path)
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
     """Create ``path`` with ``text`` only if it does not exist (atomic, NFS safe: a hard link)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_synced(path.with_name(f".{path.name}.{secrets.token_hex(4)}.new"), text)
     try:
         try:
             os.link(tmp, path)  # fails with EEXIST atomically, also over NFS (open(O_EXCL) did not, pre-v3)
