@@ -9,6 +9,10 @@ CROPS = ("center", "random", "none")
 ON_DATA_CHANGE = ("restart_epoch", "error")
 
 
+class SetupError(ValueError):
+    """A user's set-up mistake found before work starts (exit code 2): the message names the fix."""
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and how the loader reads them."""

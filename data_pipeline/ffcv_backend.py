@@ -26,6 +26,7 @@ from torch import Tensor
 
 from data_pipeline.config import DataConfig
 from data_pipeline.images import IMAGE_EXTS, decode_image
+from data_pipeline.restore import restore_from_ranks
 from data_pipeline.shards import resolve_shards, sample_key
 
 
@@ -172,6 +173,10 @@ class FFCVLoader:
             "done": self.done,
             "step": self.step,
         }
+
+    def load_rank_states(self, states: list[dict], rank: int, world_size: int) -> None:
+        """Resume from every old rank's state (see data_pipeline.loader.restore_from_ranks)."""
+        restore_from_ranks(self, states, rank, world_size)
 
     def load_state_dict(self, state: dict) -> None:
         """Exact for the same world size; otherwise restart the same epoch (module docstring)."""

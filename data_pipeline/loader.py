@@ -57,16 +57,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.config import DataConfig
 from data_pipeline.dataset import Dataset, SampleDecoder, open_dataset
 from data_pipeline.images import decode_image
+from data_pipeline.restore import ReshardNeeded, restore_from_ranks
 from data_pipeline.shards import ShardSet, iter_tar, shuffled
 
 log = logging.getLogger("ddpm.data")  # under the trainer's "ddpm" logger: rank logs get it
 
 STATE_VERSION = 2
 __all__ = ["Loader", "ReshardNeeded", "build_loader", "decode_image", "worker_shards"]
-
-
-class ReshardNeeded(ValueError):
-    """A state saved with another world size or worker count: pass {"resharded_from": states}."""
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, override: dict | None) -> list[int]:
@@ -411,6 +408,10 @@ class Loader:
         self.dataset.counters = [(list(c) + [0])[:3] for c in state["counters"]]
         self.dataset.override = state["override"]
         self.next_worker = int(state["next_worker"])
+
+    def load_rank_states(self, states: list[dict], rank: int, world_size: int) -> None:
+        """Resume from every old rank's state (see restore_from_ranks)."""
+        restore_from_ranks(self, states, rank, world_size)
 
     def _data_changed(self, states: list[dict]) -> bool:
         """Check seed and data; on a changed shard list apply data.on_data_change (True: handled)."""

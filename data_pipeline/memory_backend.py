@@ -22,6 +22,7 @@ from torch import Tensor
 
 from data_pipeline.config import DataConfig
 from data_pipeline.dataset import SampleDecoder, open_dataset
+from data_pipeline.restore import restore_from_ranks
 from data_pipeline.shards import ShardSet, iter_tar
 
 log = logging.getLogger("ddpm.data")  # under the trainer's "ddpm" logger: rank logs get it
@@ -127,6 +128,10 @@ class MemoryLoader:
             "offset": self.offset,
             "step": self.step,
         }
+
+    def load_rank_states(self, states: list[dict], rank: int, world_size: int) -> None:
+        """Resume from every old rank's state (see data_pipeline.loader.restore_from_ranks)."""
+        restore_from_ranks(self, states, rank, world_size)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the cursor (exact for the same world size; see the module docstring otherwise)."""

@@ -9,9 +9,10 @@ import subprocess
 from collections.abc import Mapping
 
 # Exit code with which the trainer says "stopped cleanly at a checkpoint, resume me"
-# (trainer.main.EXIT_REQUEUE; repeated here so the launcher never imports training code
-# just to read a constant).
+# (trainer.errors.EXIT_REQUEUE and EXIT_STORAGE; repeated here so the launcher never imports
+# training code just to read a constant; tests/unit/test_launch.py checks they agree).
 EXIT_REQUEUE = 75
+EXIT_STORAGE = 74
 
 # MASTER_PORT range: above the well-known and registered ports most clusters use, below the
 # Linux ephemeral range (32768+) so the kernel never hands it to an outgoing connection.

@@ -148,6 +148,12 @@ def decide_after_step(outcomes: dict[int, Outcome], world: int, job_id: str, res
         bad = [r for r, c in codes.items() if c == 2]
         return "fail", 2, (f"job {job_id} failed: configuration error on rank(s) {_ranks(bad)} (trainer exit "
                            f"code 2); not requeued. The error is in the rank logs")
+    if slurm_env.EXIT_STORAGE in codes.values():
+        bad = [r for r, c in codes.items() if c == slurm_env.EXIT_STORAGE]
+        return "fail", slurm_env.EXIT_STORAGE, (
+            f"job {job_id} failed: a storage fault (full disk, quota, read-only or vanished filesystem) stopped "
+            f"rank(s) {_ranks(bad)} (trainer exit code {slurm_env.EXIT_STORAGE}); not requeued: a requeue would "
+            f"meet the same disk. The rank logs name the path; free space and submit the same command again")
     if not lost and set(codes.values()) <= {0, slurm_env.EXIT_REQUEUE}:
         sigs = {o.signal for o in outcomes.values() if o.signal}
         if sigs & {"SIGTERM", "SIGINT"}:
@@ -180,17 +186,17 @@ def decide_after_step(outcomes: dict[int, Outcome], world: int, job_id: str, res
                           f"the run made progress since this (re)start ({progress})")
 
 
-def _load_entry(spec: str) -> Callable[[list[str]], int]:
+def _load_entry(spec: str) -> Callable[[list[str]], Any]:
     """Import "package.module:function"."""
     module, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(module), fn or "main")
+    return getattr(importlib.import_module(module), fn or "run")
 
 
-def _stop_signal(spec: str) -> str | None:
-    """The signal behind the trainer's last stop, if its module reports it (``stop_signal()``)."""
-    module = importlib.import_module(spec.partition(":")[0])
-    report = getattr(module, "stop_signal", None)
-    return report() if callable(report) else None
+def _outcome(result: Any) -> tuple[int, str | None]:
+    """(exit code, agreed stop signal) from an entry's result: an int, or an object with .code/.signal."""
+    if hasattr(result, "code"):
+        return int(result.code), getattr(result, "signal", None)
+    return int(result), None
 
 
 def _log(msg: str) -> None:
@@ -205,7 +211,7 @@ class TrainTask:
     run_dir: str
     max_requeues: int
     compile_cache: str | None = None
-    entry: str = "trainer.main:main"
+    entry: str = "trainer.main:run"  # returns trainer.errors.Outcome (exit code, agreed stop signal)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __call__(self) -> int:
@@ -232,11 +238,11 @@ class TrainTask:
             f"inductor_cache={os.environ['TORCHINDUCTOR_CACHE_DIR']}"
         )
         try:
-            code = _load_entry(self.entry)(list(self.argv))
+            code, sig = _outcome(_load_entry(self.entry)(list(self.argv)))
         except Exception:  # the trainer returns exit codes; anything escaping it is a crash (1)
             traceback.print_exc()
-            code = 1
-        sig = _stop_signal(self.entry) if code == slurm_env.EXIT_REQUEUE else None
+            code, sig = 1, None
+        sig = sig if code == slurm_env.EXIT_REQUEUE else None
         # Recorded for the batch script, which decides once every task has ended (after_step).
         rec = outcome_dir(self.run_dir, job_id, restarts) / f"rank{rank}.json"
         rec.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sbatch", action="append", default=[], help="extra sbatch option KEY=VALUE")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE set in every task")
-    p.add_argument("--entry", default="trainer.main:main", help=argparse.SUPPRESS)
+    p.add_argument("--entry", default="trainer.main:run", help=argparse.SUPPRESS)
     # Used by the job's own batch script after its step (see after_step), not by people.
     p.add_argument("--after-step", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--srun-exit", type=int, default=0, help=argparse.SUPPRESS)
@@ -414,7 +420,7 @@ def after_step(run_dir: Path, max_requeues: int, srun_exit: int, start_ckpt: str
     end_ckpt = latest_checkpoint(run_dir)
     action, code, line = decide_after_step(outcomes, world, job_id, restarts, max_requeues, start_ckpt,
                                            end_ckpt)
-    if action in ("requeue", "fail") and code != 2:
+    if action in ("requeue", "fail") and code not in (2, slurm_env.EXIT_STORAGE):
         from trainer.run_lock import explain_failure  # standard library only: no torch here
 
         lost = [r for r in range(world) if r not in outcomes]

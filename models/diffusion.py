@@ -175,6 +175,11 @@ class GaussianDiffusion:
         gen_device = generator.device if generator is not None else device
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device).to(device)
 
+    def timesteps_from_uniform(self, u: Tensor) -> Tensor:
+        """Training timesteps (B,) in [0, T) from uniforms u in [0, 1) by the inverse CDF of the
+        timestep distribution (the paper's t ~ U{1..T}): per-sample draws stay one number each."""
+        return (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
+
     # ---- forward process and loss ----------------------------------------------------------------
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

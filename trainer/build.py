@@ -5,15 +5,20 @@ parallelised (DDP and torch.compile are applied from outside the pure nn.Module)
 from __future__ import annotations
 
 import dataclasses
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from data_pipeline import build_loader
+from data_pipeline.config import SetupError
 from models.unet import UNet
 from trainer import distributed as du
 from trainer.config import BatchPlan, Config, ConfigError
+
+log = logging.getLogger("ddpm")
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -29,16 +34,32 @@ def resolve_compile(cfg: Config, device: torch.device) -> bool:
     return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
 
 
-def build_data(cfg: Config, plan: BatchPlan, info: du.DistInfo) -> Any:
-    """Make the synthetic shards on first use (rank 0), then the loader of data_pipeline/, checked
-    against the model (image size, classes)."""
-    if cfg.data.synthetic_images > 0:
-        if du.is_main():
-            from data_pipeline.synthetic import ensure_synthetic_shards
+def synthetic_data(cfg: Config) -> None:
+    """Rank 0 makes the quickstart's synthetic shards on first use; every rank waits for them.
 
-            ensure_synthetic_shards(cfg.data.shards, cfg.data.synthetic_images, cfg.model.image_size,
-                                    seed=cfg.run.seed)
-        du.barrier()
+    Only into a folder that is absent, empty or holds the trainer's own synthetic shards: a folder
+    of data the trainer did not make (a prepared dataset) is never touched, and the run trains on
+    it as it is (one line says so).
+    """
+    if cfg.data.synthetic_images <= 0:
+        return
+
+    def make() -> str:
+        from data_pipeline.synthetic import ensure_synthetic_shards
+
+        return ensure_synthetic_shards(cfg.data.shards, cfg.data.synthetic_images, cfg.model.image_size,
+                                       seed=cfg.run.seed)
+
+    status = du.run_on_main(make, SetupError)
+    if status == "foreign":
+        log.info("data: %s holds shards the trainer did not make: training on them as they are "
+                 "(data.synthetic_images=%d only fills an empty folder)", cfg.data.shards, cfg.data.synthetic_images)
+
+
+def build_data(cfg: Config, plan: BatchPlan, info: du.DistInfo, run_dir: Path | None = None) -> Any:
+    """The synthetic shards on first use, then the loader of data_pipeline/, checked against the
+    model (image size, classes). ``run_dir`` holds the loader's cached shard index."""
+    synthetic_data(cfg)
     # The loader resizes/crops online to the model's size and checks labels against its classes
     # (set here, not in the config, so data.image_size in the fingerprint stays as the user wrote it).
     data_cfg = dataclasses.replace(cfg.data, image_size=cfg.data.image_size or cfg.model.image_size,

@@ -5,24 +5,86 @@ Layout of ``<run>/checkpoints/``:
   latest                        name of the newest complete checkpoint (updated after the rename)
   milestone-<images>.pt         hard links kept forever (every checkpoint.milestone_every_images)
   best-<metric>.pt              hard link to the checkpoint with the best metric (e.g. FID)
-A file that does not load (truncated, corrupt) is reported and the previous one used.
+A file that does not load (truncated, corrupt) is reported and the previous one used, the same
+way by every reader (resume, sampling, evaluation, export, post-hoc EMA); a file named explicitly
+that does not load is one line and exit code 2. Every write goes through data_pipeline.storage.
+
+What a training checkpoint holds comes from one registry of stateful parts (``StateRegistry``:
+model, EMA, optimizer, loader cursor, train state, each with state_dict/load_state_dict, as EDM2's
+CheckpointIO and torchtitan's checkpointer take ``states={...}``); its required keys derive from it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from data_pipeline.config import SetupError
+from data_pipeline.storage import atomic_link, atomic_open, atomic_write, remove_partial
+from trainer import distributed as du
+
 log = logging.getLogger("ddpm")
 
 _CKPT_RE = re.compile(r"^ckpt-(\d{12})\.pt$")
-REQUIRED_KEYS = ("model", "ema", "optimizer", "train_state", "config", "fingerprint")
+META_KEYS = ("config", "fingerprint")  # beside the registry's parts in every training checkpoint
+INFERENCE_KEYS = ("config",)  # plus "ema" or "model": what sampling, evaluation and export need
+
+
+class CheckpointError(SetupError):
+    """A checkpoint named explicitly that does not load, or none under a run directory (exit code 2)."""
+
+
+class StateRegistry:
+    """The stateful parts of a run by name; a checkpoint is ``{name: part.state_dict()} | meta``.
+
+    Parts named in ``gathered`` (the loader: each rank has its own cursor) are stored as the list
+    of every rank's state (a collective: every rank calls ``state_dict``) and restored from it.
+    """
+
+    def __init__(self, parts: dict[str, Any], meta: dict[str, Any], gathered: Sequence[str] = ()) -> None:
+        self.parts = parts
+        self.meta = meta
+        self.gathered = tuple(gathered)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The keys a checkpoint of this run must hold to resume it."""
+        return (*self.parts, *self.meta)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every part's state (gathered parts from every rank) and the meta entries."""
+        out: dict[str, Any] = {}
+        for name, part in self.parts.items():
+            state = part.state_dict()
+            out[name] = du.gather_objects(state) if name in self.gathered else state
+        out.update(self.meta)
+        return out
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore every part (a gathered part receives the list of every old rank's state)."""
+        missing = [k for k in self.required if k not in saved]
+        if missing:
+            raise ValueError(f"checkpoint lacks entries {missing}")
+        for name, part in self.parts.items():
+            part.load_state_dict(saved[name])
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint file of it roughly takes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 def _to_host(obj: Any, cuda_copies: list[torch.Tensor]) -> Any:
@@ -60,38 +122,9 @@ def host_copy(state: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     return host_state, done
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def ckpt_name(nimg: int) -> str:
     """File name of the checkpoint taken after ``nimg`` training images."""
     return f"ckpt-{nimg:012d}.pt"
-
-
-def _link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links: copy
-        tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
 
 
 class CheckpointManager:
@@ -132,19 +165,15 @@ class CheckpointManager:
     def _write(self, state: dict[str, Any], path: Path, nimg: int, best: str | None, copied: Any = None) -> None:
         if copied is not None:
             copied.synchronize()  # the device-to-host copies have landed in the pinned buffers
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        # Temporary file, fsync, rename: a reader sees the old set or the new complete file; a
+        # failed write (full disk) removes its partial file and raises a one-line StorageError.
+        with atomic_open(path, needed=state_bytes(state), what="checkpoint") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a reader sees the old set or the new complete file
-        _fsync_dir(self.dir)
-        atomic_write_bytes(self.dir / "latest", (path.name + "\n").encode())
+        atomic_write(self.dir / "latest", path.name + "\n", what="checkpoint pointer")
         if self.milestone_every and nimg % self.milestone_every == 0:
-            _link(path, self.dir / f"milestone-{nimg:012d}.pt")
+            atomic_link(path, self.dir / f"milestone-{nimg:012d}.pt", what="milestone checkpoint")
         if best:
-            _link(path, self.dir / f"best-{best}.pt")
+            atomic_link(path, self.dir / f"best-{best}.pt", what="best checkpoint")
         self._prune()
         log.info("checkpoint written: %s", path)
 
@@ -153,7 +182,7 @@ class CheckpointManager:
         self.wait()
         newest = self.complete_checkpoints()
         if newest:
-            _link(newest[-1], self.dir / f"best-{metric}.pt")
+            atomic_link(newest[-1], self.dir / f"best-{metric}.pt", what="best checkpoint")
 
     def _prune(self) -> None:
         for old in self.complete_checkpoints()[: -self.keep_last]:
@@ -161,19 +190,25 @@ class CheckpointManager:
 
     def remove_partial(self) -> None:
         """Delete temporary files left by a writer that was killed mid-write (call at start-up)."""
-        if self.dir.is_dir():
-            for tmp in self.dir.glob("*.tmp"):
-                log.warning("removing incomplete checkpoint file %s", tmp)
-                tmp.unlink(missing_ok=True)
+        for tmp in remove_partial(self.dir):
+            log.warning("removed incomplete checkpoint file %s", tmp)
 
-    def wait(self) -> None:
-        """Block until the background write (if any) is finished; re-raise its error."""
+    def failure(self) -> BaseException | None:
+        """The error of a background write that has ended, without waiting for one still running."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread.join()
+            self._thread = None
+        return self._error
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the background write (if any) is finished; re-raise its error (as it is: a
+        full disk is a StorageError naming the file)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
+        if self._error is not None and raise_error:
             err, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint failed: {err}") from err
+            raise err
 
     # ------------------------------------------------------------------ reading
     def complete_checkpoints(self) -> list[Path]:
@@ -182,68 +217,89 @@ class CheckpointManager:
             return []
         return sorted(p for p in self.dir.iterdir() if _CKPT_RE.match(p.name))
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
-        """The newest checkpoint that loads and has every required entry, or None.
+    def load_latest(self, map_location: str | torch.device = "cpu",
+                    required: Sequence[str] = INFERENCE_KEYS) -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that loads and has every ``required`` entry, or None.
 
-        A truncated or corrupt newest file is reported and the previous one tried.
+        A truncated or corrupt newest file is reported (one line) and the previous one tried.
         """
         for path in reversed(self.complete_checkpoints()):
             try:
-                state = load_checkpoint(path, map_location)
+                state = load_checkpoint(path, map_location, required)
             except Exception as e:  # noqa: BLE001 - any failure means "not usable"
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                reason = _reason(e)
                 log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", path, reason)
                 continue
             return state, path
         return None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one checkpoint with weights_only=True and check its entries."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    required: Sequence[str] = INFERENCE_KEYS) -> dict[str, Any]:
+    """Load one checkpoint with weights_only=True and check its entries (``required``, and weights)."""
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict):
         raise ValueError("not a checkpoint dictionary")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    missing = [k for k in required if k not in state]
+    if "ema" not in state and "model" not in state:
+        missing.append("ema or model")
     if missing:
         raise ValueError(f"missing entries {missing}")
     return state
 
 
-def resolve_checkpoint(run_dir_or_ckpt: str | Path) -> Path:
-    """A checkpoint file from a run directory (its newest complete one), a checkpoints/ dir or a file."""
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def find_checkpoint(run_dir_or_ckpt: str | Path, map_location: str | torch.device = "cpu",
+                    required: Sequence[str] = INFERENCE_KEYS) -> tuple[dict[str, Any], Path]:
+    """(state, path): a checkpoint file, or the newest usable one of a run directory or checkpoints/.
+
+    Every reader falls back the same way: an unreadable newest checkpoint is named in one line and
+    the previous complete one used. A file named explicitly that does not load, or a directory
+    without a usable checkpoint, is a CheckpointError (one line, exit code 2).
+    """
     p = Path(run_dir_or_ckpt)
     if p.is_file():
-        return p
+        try:
+            return load_checkpoint(p, map_location, required), p
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+            raise CheckpointError(f"{p} is not a usable checkpoint ({_reason(e)}): pass another checkpoint "
+                                  "file, or the run directory to use its newest complete one") from None
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist: pass a run directory or a checkpoint file")
     for d in (p / "checkpoints", p):
-        found = CheckpointManager(d).complete_checkpoints()
+        found = CheckpointManager(d).load_latest(map_location, required)
         if found:
-            return found[-1]
-    raise FileNotFoundError(f"no complete checkpoint under {p} (looked for checkpoints/ckpt-*.pt)")
+            return found
+    raise CheckpointError(f"no usable checkpoint under {p} (looked for checkpoints/ckpt-*.pt): "
+                          "train first, or pass a checkpoint file")
 
 
-def load_for_inference(run_dir_or_ckpt: str | Path, which: str = "ema", ema_index: int = 0,
-                       map_location: str | torch.device = "cpu") -> tuple[Any, Any, dict[str, Any]]:
-    """(model in eval mode, diffusion, resolved config dict) from a run directory or checkpoint file.
+def resolve_checkpoint(run_dir_or_ckpt: str | Path) -> Path:
+    """The checkpoint file readers use for a run directory or file (see find_checkpoint)."""
+    return find_checkpoint(run_dir_or_ckpt)[1]
 
-    ``which`` is "ema" (default: sampling and evaluation use EMA weights) or "model".
-    Falls back to older checkpoints when the newest is unreadable.
-    """
+
+@dataclass
+class Inference:
+    """What sampling, evaluation and export load: the model in eval mode, its diffusion, config, file."""
+
+    model: Any
+    diffusion: Any
+    config: dict[str, Any]
+    path: Path
+
+
+def open_for_inference(run_dir_or_ckpt: str | Path, which: str = "ema", ema_index: int = 0,
+                       map_location: str | torch.device = "cpu") -> Inference:
+    """The model (EMA weights by default) of a run directory or checkpoint file, with the usual fallback."""
     from models.diffusion import DiffusionConfig, GaussianDiffusion
     from models.unet import UNet, UNetConfig
     from trainer.config import ConfigError, from_dict
 
-    p = Path(run_dir_or_ckpt)
-    if p.is_file():
-        state, path = load_checkpoint(p, map_location), p
-    else:
-        found = None
-        for d in (p / "checkpoints", p):
-            found = CheckpointManager(d).load_latest(map_location)
-            if found:
-                break
-        if not found:
-            raise FileNotFoundError(f"no usable checkpoint under {p}")
-        state, path = found
+    state, path = find_checkpoint(run_dir_or_ckpt, map_location)
     try:
         cfg = from_dict(state["config"])
         mcfg, dcfg = cfg.model, cfg.diffusion
@@ -251,13 +307,25 @@ def load_for_inference(run_dir_or_ckpt: str | Path, which: str = "ema", ema_inde
         mcfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"]["model"].items()})
         dcfg = DiffusionConfig(**state["config"]["diffusion"])
     model = UNet(mcfg)
-    if which == "ema":
-        weights = state["ema"]["shadows"][ema_index]
-    elif which == "model":
+    if which == "ema" and "ema" in state:
+        shadows = state["ema"]["shadows"]
+        if not 0 <= ema_index < len(shadows):
+            raise CheckpointError(f"{path} holds {len(shadows)} EMA profile(s); --ema-index {ema_index} is not one")
+        weights = shadows[ema_index]
+    elif which == "model" and "model" in state:
         weights = state["model"]
+    elif which in ("ema", "model"):
+        raise CheckpointError(f"{path} holds no {which} weights")
     else:
         raise ValueError(f"which: expected 'ema' or 'model', got {which!r}")
     model.load_state_dict(weights)
     model.eval()
     log.info("loaded %s weights from %s", which, path)
-    return model, GaussianDiffusion(dcfg), state["config"]
+    return Inference(model, GaussianDiffusion(dcfg), state["config"], path)
+
+
+def load_for_inference(run_dir_or_ckpt: str | Path, which: str = "ema", ema_index: int = 0,
+                       map_location: str | torch.device = "cpu") -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode, diffusion, resolved config dict): ``open_for_inference`` as a tuple."""
+    got = open_for_inference(run_dir_or_ckpt, which, ema_index, map_location)
+    return got.model, got.diffusion, got.config

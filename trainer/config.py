@@ -22,136 +22,22 @@ from typing import Any
 
 import yaml
 
-from data_pipeline import DataConfig
+from data_pipeline.config import DataConfig, SetupError
 from models.diffusion import DiffusionConfig
 from models.unet import UNetConfig
+from trainer.config_sections import (
+    CheckpointConfig,
+    DistConfig,
+    EMAConfig,
+    EvalConfig,
+    LogConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user without a traceback."""
-
-
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a one-line doc (shorthand used throughout this file)."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class RunConfig:
-    """Where a run lives and how it is seeded."""
-
-    name: str = _f("quickstart", "run name; the run directory defaults to runs/<name>")
-    dir: str = _f("", "run directory (config, checkpoints, TensorBoard, samples); '' = runs/<name>")
-    seed: int = _f(0, "base seed; every random draw derives from (seed, rank, images seen)")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation: batch, duration, AdamW, precision and compilation."""
-
-    batch_size: int = _f(128, "global batch per optimizer step (all GPUs and accumulation together)")
-    batch_per_gpu: int = _f(0, "micro-batch per GPU; 0 = batch_size / world_size (no accumulation)")
-    total_images: int = _f(102_400_000, "training length in images (steps x batch_size)")
-    lr: float = _f(2e-4, "peak learning rate (DDPM: 2e-4 at 32x32, 2e-5 at 256x256)")
-    warmup_images: int = _f(640_000, "linear learning-rate warm-up length in images (DDPM: 5000 steps)")
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (DDPM: 0)")
-    betas: tuple[float, float] = _f((0.9, 0.999), "Adam betas")
-    eps: float = _f(1e-8, "Adam epsilon")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 = off")
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
-    compile: str = _f("auto", "torch.compile the UNet: auto (on GPU only) | true | false")
-    channels_last: bool = _f(True, "use the channels_last memory format on GPU")
-    max_nonfinite_steps: int = _f(20, "stop after this many non-finite losses in a row")
-    label_dropout: float = _f(0.1, "class-conditional models: drop labels with this probability (CFG)")
-
-
-@dataclass
-class EMAConfig:
-    """Exponential moving averages of the weights (fp32 shadows)."""
-
-    decays: tuple[float, ...] = _f((0.9999,), "one or several EMA decays per optimizer step")
-    warmup: bool = _f(False, "use min(decay, (1 + n) / (10 + n)) for the first updates")
-
-
-@dataclass
-class CheckpointConfig:
-    """Crash-safe checkpoints in <run>/checkpoints."""
-
-    every_images: int = _f(1_280_000, "write a checkpoint every this many images")
-    keep_last: int = _f(3, "keep this many most recent checkpoints")
-    milestone_every_images: int = _f(0, "also keep every checkpoint at multiples of this; 0 = none")
-    async_write: bool = _f(True, "write in a background thread (the step only waits for the host copy)")
-
-
-@dataclass
-class LogConfig:
-    """Console, TensorBoard and sample grids."""
-
-    every_images: int = _f(12_800, "log scalars every this many images")
-    sample_every_images: int = _f(1_280_000, "write a fixed-noise EMA sample grid every this many images; 0 = off")
-    sample_count: int = _f(64, "images in the sample grid")
-    sample_sampler: str = _f("ddim", "sampler for the grid: ddim | ddpm")
-    sample_steps: int = _f(50, "sampler steps for the grid")
-    tensorboard: bool = _f(True, "write TensorBoard event files under <run>/tb")
-
-
-@dataclass
-class DistConfig:
-    """Process group settings."""
-
-    backend: str = _f("auto", "auto (nccl on GPU, gloo on CPU) | nccl | gloo")
-    init_timeout_s: int = _f(1800, "collective timeout for start-up and the first steps (compile, data)")
-    timeout_s: int = _f(600, "collective timeout after dist.warmup_steps; a dead rank ends the job")
-    warmup_steps: int = _f(20, "steps run with the start-up timeout before switching to dist.timeout_s")
-
-
-@dataclass
-class EvalConfig:
-    """FID/IS/KID during training (the ``eval:`` section of the run config)."""
-
-    every_images: int = field(default=0, metadata={"help": "evaluate every N training images (0 = off)"})
-    num_samples: int = field(default=10_000, metadata={"help": "samples per evaluation (K), split over all ranks"})
-    sampler: str = field(default="ddim", metadata={"help": "sampler for evaluation samples: ddim or ddpm"})
-    steps: int = field(default=50, metadata={"help": "sampling steps (0 = the sampler's default: T for ddpm)"})
-    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0 = deterministic DDIM)"})
-    batch_per_gpu: int = field(default=64, metadata={"help": "images sampled (and featurised) per GPU at once"})
-    metrics: tuple[str, ...] = field(default=("fid",), metadata={"help": "metrics to compute: fid, is, kid"})
-    feature_extractor: str = field(
-        default="inception-v3-compat",
-        metadata={"help": "feature extractor (torch-fidelity name, or package.module:factory)"},
-    )
-    weights: str = field(default="", metadata={"help": "offline Inception weights file ('' = library download)"})
-    reference: str = field(
-        default="", metadata={"help": "reference stats .npz ('' = from the training shards, cached by the manifest)"}
-    )
-    seed: int = field(default=0, metadata={"help": "base seed: image k of every evaluation has its own noise from (seed, k)"})
-    val_shards: str = field(
-        default="", metadata={"help": "held-out shards for the pinned-noise validation loss ('' = off)"}
-    )
-    val_images: int = field(default=256, metadata={"help": "held-out images used by the validation loss"})
-    val_every_images: int = field(
-        default=0, metadata={"help": "validation loss (EMA weights, fixed t and noise) every N images; 0 = off"}
-    )
-
-    def validate(self) -> None:
-        """Raise ValueError on an invalid field."""
-        if self.every_images < 0:
-            raise ValueError(f"eval.every_images: must be >= 0, got {self.every_images}")
-        if self.num_samples < 2:
-            raise ValueError(f"eval.num_samples: need at least 2 for a covariance, got {self.num_samples}")
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"eval.sampler: expected ddim or ddpm, got {self.sampler!r}")
-        if self.steps < 0 or self.batch_per_gpu <= 0:
-            raise ValueError("eval.steps must be >= 0 and eval.batch_per_gpu > 0")
-        if self.val_every_images < 0 or self.val_images < 1:
-            raise ValueError("eval.val_every_images must be >= 0 and eval.val_images >= 1")
-        if self.val_every_images and not self.val_shards:
-            raise ValueError("eval.val_every_images is set but eval.val_shards is empty: give held-out shards")
-        bad = [m for m in self.metrics if m not in ("fid", "is", "kid")]
-        if bad or not self.metrics:
-            raise ValueError(f"eval.metrics: choose from fid, is, kid; got {list(self.metrics)!r}")
+class ConfigError(SetupError):
+    """A configuration problem, reported to the user without a traceback (exit code 2)."""
 
 
 @dataclass
@@ -224,10 +110,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if origin is tuple:
+        example = f"{key}=[1,2]" if args and args[0] in (int, float) else f"{key}=[a,b]"
+        if isinstance(value, str) and "," in value:
+            raise ConfigError(f"{key}: expected a list, got {value!r}: write lists in brackets, e.g. {example}")
         if isinstance(value, int | float | str) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list such as {example}, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
@@ -325,10 +214,62 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the config: defaults, then the YAML file, then the dotted CLI overrides."""
+# Pairs of keys that describe one thing. A key given on the command line wins over the other key
+# of its pair from the file (which returns to its default, logged); both in one source is an error.
+KEY_PAIRS = (
+    ("model.attn_resolutions", "model.attn_levels"),
+    ("model.num_heads", "model.num_head_channels"),
+)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolve_pairs(cfg: Config, file_keys: set[str], cli_keys: set[str], notes: list[str]) -> set[str]:
+    """Apply the one rule for KEY_PAIRS: the command line wins over the file, one note per key it
+    replaced; returns the replaced keys."""
+    defaults = Config()
+    replaced = set()
+    for a, b in KEY_PAIRS:
+        for mine, other in ((a, b), (b, a)):
+            if mine in cli_keys and other in file_keys and other not in cli_keys:
+                unset = _get(defaults, other)
+                replaced.add(other)
+                set_dotted(cfg, other, list(unset) if isinstance(unset, tuple) else unset)
+                notes.append(f"{mine} from the command line replaces {other} from the config file")
+    return replaced
+
+
+def _check_pairs(cfg: Config, given: dict[str, Any], where: str) -> None:
+    """Both keys of a pair set to conflicting values in one source: one line naming both."""
+    if {"model.attn_resolutions", "model.attn_levels"} <= set(given) and cfg.model.attn_levels:
+        by_level = dataclasses.replace(cfg.model, attn_resolutions=UNetConfig().attn_resolutions)
+        try:
+            by_level.validate()  # resolves attn_levels to resolutions
+        except ValueError:
+            return  # reported by validate_fields with its own line
+        asked = tuple(given["model.attn_resolutions"] or ())
+        if set(asked) != set(by_level.attn_resolutions):
+            raise ConfigError(f"model.attn_levels={list(cfg.model.attn_levels)} and model.attn_resolutions="
+                              f"{list(asked)} both place attention ({where}): set one of them")
+    if {"model.num_heads", "model.num_head_channels"} <= set(given) and cfg.model.num_head_channels > 0 \
+            and cfg.model.num_heads != 1:
+        raise ConfigError(f"model.num_heads={cfg.model.num_heads} and model.num_head_channels="
+                          f"{cfg.model.num_head_channels} both set the attention heads ({where}): set one of them")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                notes: list[str] | None = None) -> Config:
+    """Build the config: defaults, then the YAML file, then the dotted CLI overrides.
+
+    ``notes`` (if given) receives one line per file key that a command-line key replaced.
+    """
     cfg = Config()
-    given: set[str] = set()  # dotted keys the file or the command line set
+    file_keys: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -338,13 +279,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         _merge_into(cfg, data)
-        given |= set(flatten(data))
+        file_keys = flatten(data) if isinstance(data, dict) else {}
+        _check_pairs(cfg, file_keys, f"both in {p.name}")
+    cli: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(cfg, key, value)
-        given.add(key)
+        cli[key] = _get(cfg, key)
+    _check_pairs(cfg, cli, "both on the command line")
+    replaced = _resolve_pairs(cfg, set(file_keys), set(cli), notes if notes is not None else [])
     # UNetConfig cannot tell an attn_resolutions equal to its default from an unset one; the sources can.
-    asked = cfg.model.attn_resolutions if "model.attn_resolutions" in given else None
+    asked = None if "model.attn_resolutions" in replaced else {**file_keys, **cli}.get("model.attn_resolutions")
     validate_fields(cfg)
     if asked is not None and cfg.model.attn_levels and set(asked) != set(cfg.model.attn_resolutions):
         raise ConfigError(f"model.attn_levels={list(cfg.model.attn_levels)} and model.attn_resolutions="

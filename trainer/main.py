@@ -25,20 +25,21 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchrun trainer/main.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.loop import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE  # noqa: E402
+from trainer.errors import (  # noqa: E402
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REQUEUE,
+    EXIT_STORAGE,
+    Outcome,
+    classify,
+)
 
-__all__ = ["main", "stop_signal", "EXIT_OK", "EXIT_ERROR", "EXIT_CONFIG", "EXIT_REQUEUE"]
+__all__ = ["main", "run", "EXIT_OK", "EXIT_ERROR", "EXIT_CONFIG", "EXIT_REQUEUE", "EXIT_STORAGE"]
 
 log = logging.getLogger("ddpm")
 
 DEFAULT_CONFIG = "quickstart"
-
-
-def stop_signal() -> str | None:
-    """Name of the signal behind the last exit with EXIT_REQUEUE in this process (for launchers)."""
-    from trainer import loop
-
-    return loop.last_stop_signal
 
 
 def find_config(name_or_path: str) -> Path:
@@ -72,11 +73,12 @@ def tell_torchrun(message: str) -> None:
         pass  # only a nicer summary is lost
 
 
-def explain_stop(code: int, rank: int) -> None:
+def explain_stop(outcome: Outcome, rank: int) -> None:
     """After a signal stop under torchrun: say what torchrun's own report of it means."""
-    if code != EXIT_REQUEUE or "TORCHELASTIC_RUN_ID" not in os.environ:
+    if outcome.code != EXIT_REQUEUE or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    sig = stop_signal() or "a signal"
+    sig = outcome.signal or "a signal"
+    code = outcome.code
     tell_torchrun(f"stopped by {sig} with a checkpoint (exit code {code}); run the same command again to resume")
     if rank == 0 and sig == "SIGINT":
         # A terminal's Ctrl-C reaches only torchrun (its workers have their own sessions); it
@@ -98,20 +100,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, validate, then train; returns the exit code."""
+def run(argv: list[str] | None = None) -> Outcome:
+    """Parse, validate, then train: the exit code, and for a stop the signal every rank agreed on.
+
+    The launcher (launch.submit) calls this in-process and requeues on SIGUSR2/SIGUSR1 stops only.
+    """
     args = parse_args(argv)
     from trainer.config import ConfigError, load_config, reference_markdown, to_yaml
 
     if args.help_config:
         print(reference_markdown())
-        return EXIT_OK
+        return Outcome(EXIT_OK)
+    notes: list[str] = []
     try:
-        cfg = load_config(find_config(args.config), args.overrides)
+        cfg = load_config(find_config(args.config), args.overrides, notes)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         tell_torchrun(f"config error: {e}")
-        return EXIT_CONFIG
+        return Outcome(EXIT_CONFIG)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:
         from trainer.loop import dry_run_summary
@@ -120,43 +126,49 @@ def main(argv: list[str] | None = None) -> int:
             summary = dry_run_summary(cfg, world)
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
-            return EXIT_CONFIG
+            return Outcome(EXIT_CONFIG)
+        for note in notes:
+            print(f"# {note}")
         print(to_yaml(cfg))
         print(summary)
-        return EXIT_OK
+        return Outcome(EXIT_OK)
 
     from trainer import distributed as du
     from trainer.loop import train
     from trainer.monitor import setup_logging
+    from trainer.startup import init_distributed
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank, cfg.run_dir / "logs" / f"rank{rank}.log")
+    for note in notes:
+        log.info("config: %s", note)
     try:
-        info = du.init_distributed(cfg.dist.backend, cfg.dist.init_timeout_s)
-        code = train(cfg, info)
-        explain_stop(code, rank)
-        return code
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        tell_torchrun(f"config error: {e}")
-        return EXIT_CONFIG
-    except (FileNotFoundError, ValueError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        tell_torchrun(f"{type(e).__name__}: {e}")
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        # A Ctrl-C during start-up (before the stop handler is installed) or a second one.
-        log.error("interrupted: exiting without writing a checkpoint; the last complete one is kept")
-        tell_torchrun("interrupted without a checkpoint; the last complete one is kept")
-        return 130
-    except Exception as e:
-        log.error("training failed:\n%s", traceback.format_exc())
-        tell_torchrun(f"training failed: {type(e).__name__}: {e} (traceback in {cfg.run_dir}/logs/rank{rank}.log)")
-        return EXIT_ERROR
+        info = init_distributed(cfg.dist.backend, cfg.dist.init_timeout_s)
+        outcome = train(cfg, info)
+        explain_stop(outcome, rank)
+        return outcome
+    except BaseException as e:
+        if isinstance(e, SystemExit):
+            raise
+        code, line = classify(e)
+        if line is None:
+            log.error("training failed:\n%s", traceback.format_exc())
+            line = f"training failed: {type(e).__name__}: {e} (traceback in {cfg.run_dir}/logs/rank{rank}.log)"
+        elif code == EXIT_STORAGE and rank != 0:
+            log.info("%s", line)  # every rank agreed on it; rank 0 says it once on the console
+        else:
+            log.error("%s", line)
+        tell_torchrun(line)
+        return Outcome(code)
     finally:
         from trainer import distributed as du
 
         du.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script and ``python trainer/main.py``: ``run`` as an exit code."""
+    return run(argv).code
 
 
 if __name__ == "__main__":

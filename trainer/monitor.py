@@ -1,7 +1,9 @@
 """What a person watches: one console line per log interval and TensorBoard (rank 0 only).
 
 Metrics arrive already reduced over ranks. After a resume the writer purges
-events at or after the resumed step, so curves never duplicate.
+events at or after the resumed step, so curves never duplicate. A write that fails for the storage
+(full disk, read-only filesystem) does not raise here: it goes to ``on_fault`` (the stop request),
+and every rank stops at the next agreed step with one line naming the path.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from data_pipeline.storage import find_fault, is_fault, storage_error
 
 log = logging.getLogger("ddpm")
 
@@ -40,10 +45,36 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     errors.setLevel(logging.ERROR)
     root.addHandler(errors)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = FaultAwareFileHandler(log_file)
+        except OSError as e:  # an unwritable run directory: start-up names it (exit 2); log to the console
+            root.warning("cannot write the log file %s (%s)", log_file, e.strerror or e)
+            return
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+class FaultAwareFileHandler(logging.FileHandler):
+    """A log file that reports a storage fault once (to ``on_fault``) instead of a traceback per record."""
+
+    on_fault: Callable[[BaseException], None] | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        err = sys.exc_info()[1]
+        if err is not None and is_fault(err):
+            if self.on_fault is not None and not getattr(self, "_reported", False):
+                self._reported = True
+                self.on_fault(storage_error(err, self.baseFilename, what="log file"))
+            return
+        super().handleError(record)
+
+
+def route_log_faults(on_fault: Callable[[BaseException], None]) -> None:
+    """Send storage faults of the ddpm log files to ``on_fault`` (the stop request)."""
+    for h in logging.getLogger("ddpm").handlers:
+        if isinstance(h, FaultAwareFileHandler):
+            h.on_fault = on_fault
 
 
 def format_duration(seconds: float) -> str:
@@ -57,42 +88,84 @@ def format_duration(seconds: float) -> str:
     return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
-class Monitor:
-    """TensorBoard writer and console printer; a no-op on ranks other than 0."""
+# The metrics the HPARAMS tab shows for a run (scalar tags of this run, filled in as they are logged).
+HPARAM_METRICS = ("train/loss", "val/loss", "eval/fid")
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None) -> None:
+
+class Monitor:
+    """TensorBoard writer and console printer; a no-op on ranks other than 0.
+
+    ``on_fault`` receives a storage fault of the event files (then TensorBoard writing stops);
+    without it such a fault raises.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None,
+                 on_fault: Callable[[BaseException], None] | None = None) -> None:
         self.enabled = enabled
         self.writer = None
+        self.on_fault = on_fault
+        self.dir = run_dir / "tb"
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events logged at or after the resumed step by an
             # interrupted run, so curves do not fold back on themselves.
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+            self._guard(lambda: setattr(self, "writer", SummaryWriter(log_dir=str(self.dir),
+                                                                      purge_step=purge_step)))
+
+    def _guard(self, write: Callable[[], Any]) -> None:
+        """Run one TensorBoard write; a storage fault goes to on_fault and ends TensorBoard writing."""
+        try:
+            write()
+        except Exception as e:
+            fault = e if is_fault(e) else find_fault(e)
+            if fault is None or self.on_fault is None:
+                raise
+            self.writer = None
+            self.on_fault(storage_error(fault, self.dir, what="TensorBoard events"))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Log scalars under their tags at ``step``."""
         if self.writer is None:
             return
-        for tag, v in values.items():
-            if v is not None and math.isfinite(v):
-                self.writer.add_scalar(tag, v, step)
+
+        def write() -> None:
+            for tag, v in values.items():
+                if v is not None and math.isfinite(v):
+                    self.writer.add_scalar(tag, v, step)
+
+        self._guard(write)
 
     def image(self, tag: str, image_uint8: torch.Tensor, step: int) -> None:
         """Log one (3, H, W) uint8 image."""
         if self.writer is not None:
-            self.writer.add_image(tag, image_uint8, step)
+            self._guard(lambda: self.writer.add_image(tag, image_uint8, step))
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Log markdown text (e.g. the evaluation protocol)."""
         if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+            self._guard(lambda: self.writer.add_text(tag, text, step))
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """The run's hyperparameters with its final metrics (TensorBoard HPARAMS tab)."""
-        if self.writer is not None:
-            clean = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in hparams.items()}
-            self.writer.add_hparams(clean, metrics, run_name=".")
+    def run_info(self, config_yaml: str, flat_config: dict[str, Any], step: int) -> None:
+        """At the start of every (re)start: the resolved config as text and the HPARAMS entry of this run.
+
+        The hparams session is written into the run's own event file, so the HPARAMS tab lists the
+        run from its first minute and fills its metric columns (HPARAM_METRICS) from the run's own
+        scalars as they are logged.
+        """
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        clean = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in flat_config.items()}
+        exp, ssi, sei = hparams(clean, {m: 0.0 for m in HPARAM_METRICS})
+
+        def write() -> None:
+            self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", step)
+            for summary in (exp, ssi, sei):
+                self.writer.file_writer.add_summary(summary, step)
+
+        self._guard(write)
 
     def console(self, step: int, total_steps: int, nimg: int, values: dict[str, float],
                 elapsed: float, start_step: int) -> None:
@@ -112,12 +185,12 @@ class Monitor:
     def flush(self) -> None:
         """Flush the event file."""
         if self.writer is not None:
-            self.writer.flush()
+            self._guard(self.writer.flush)
 
     def close(self) -> None:
         """Close the event file."""
         if self.writer is not None:
-            self.writer.close()
+            self._guard(self.writer.close)
             self.writer = None
 
 

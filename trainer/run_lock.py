@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.storage import atomic_write, is_fault, tmp_path
+
 log = logging.getLogger("ddpm")
 
 LOCK_NAME = "run.lock"
@@ -162,14 +164,13 @@ def _write_synced(path: Path, text: str) -> Path:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write, flush and fsync a temporary file, then rename it over ``path``."""
-    tmp = _write_synced(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"), text)
-    os.replace(tmp, path)
+    """Write ``path`` the project's one safe way (data_pipeline.storage.atomic_write)."""
+    atomic_write(path, text, what="run record")
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
     """Create ``path`` with ``text`` only if it does not exist (atomic, NFS safe: a hard link)."""
-    tmp = _write_synced(path.with_name(f".{path.name}.{secrets.token_hex(4)}.new"), text)
+    tmp = _write_synced(tmp_path(path), text)
     try:
         try:
             os.link(tmp, path)  # fails with EEXIST atomically, also over NFS (open(O_EXCL) did not, pre-v3)
@@ -230,6 +231,7 @@ class RunLock:
         self.holder = holder
         self.heartbeat_s = heartbeat_s
         self.lost: str | None = None  # set when another job took the lock over (we stalled too long)
+        self.on_fault: Callable[[BaseException], None] | None = None  # a storage fault of the heartbeat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -302,8 +304,11 @@ class RunLock:
                 return
             self.holder.heartbeat = time.time()
             _write_atomic(self.path, json.dumps(asdict(self.holder)))
-        except OSError as e:  # a file system hiccup: try again at the next beat
-            log.warning("run lock heartbeat failed: %s", e)
+        except OSError as e:
+            if is_fault(e) and self.on_fault is not None:
+                self.on_fault(e)  # a full or read-only disk: every rank stops at the next step
+            else:  # a file system hiccup: try again at the next beat
+                log.warning("run lock heartbeat failed: %s", e)
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock (only if this job still holds it)."""
@@ -313,7 +318,8 @@ class RunLock:
             self._thread.join(timeout=5)
         current = _read_holder(self.path)
         if current is not None and current.token == self.holder.token:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only remount: the next job takes a dead lock over
+                self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> RunLock:
         return self
@@ -368,6 +374,7 @@ class StepRecord:
                                  started=now, slurm=slurm_attempt(environ), heartbeat=now,
                                  extra={"interval_s": interval_s})
         self.interval_s = interval_s
+        self.on_fault: Callable[[BaseException], None] | None = None  # a storage fault of the heartbeat
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._flush()
@@ -413,7 +420,10 @@ class StepRecord:
             try:
                 _write_atomic(self.path, json.dumps(asdict(self.status)))
             except OSError as e:
-                log.warning("could not write %s: %s", self.path, e)
+                if is_fault(e) and self.on_fault is not None:
+                    self.on_fault(e)  # every rank stops at the next step, with this line
+                else:
+                    log.warning("could not write %s: %s", self.path, e)
 
 
 def read_records(run_dir: str | Path, run: str | None = None, slurm: str | None = None) -> list[RankStatus]:

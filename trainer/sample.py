@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from trainer import distributed as du
-from trainer.checkpoint import load_for_inference, resolve_checkpoint
+from trainer.checkpoint import open_for_inference
+from trainer.errors import EXIT_CONFIG, EXIT_OK, classify
 from trainer.sample_set import ProtocolMismatchError, SampleSet
 from trainer.sampling import class_labels, make_grid, sample_uint8, save_png
+from trainer.startup import init_distributed
 
 log = logging.getLogger("ddpm")
 
@@ -86,8 +88,8 @@ def default_out(args: argparse.Namespace, run_dir: Path, ckpt: Path, steps: int 
 def run(args: argparse.Namespace, info: du.DistInfo) -> Path:
     """Sample on every rank into the sample set; rank 0 writes grid.png and samples.npz. Returns the folder."""
     steps = args.steps if args.steps is not None else (50 if args.sampler == "ddim" else None)
-    ckpt = resolve_checkpoint(args.run_dir)
-    model, diffusion, cfg = load_for_inference(ckpt, which=args.weights)
+    got = open_for_inference(args.run_dir, which=args.weights)  # the newest usable checkpoint, or one line
+    model, diffusion, cfg, ckpt = got.model, got.diffusion, got.config, got.path
     m = cfg["model"]
     num_classes = int(m.get("num_classes", 0) or 0)
     check_against_model(args, num_classes)
@@ -131,17 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.monitor import setup_logging
 
     args = parse_args(argv)
-    info = du.init_distributed()
+    info = init_distributed()
     setup_logging(info.rank)
     try:
         run(args, info)
     except (FileNotFoundError, SampleArgsError, ProtocolMismatchError) as e:
         if du.is_main():
             print(f"ddpm-sample: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except Exception as e:
+        code, line = classify(e)  # a set-up mistake (2) or a storage fault (74): one line; else a crash
+        if line is None:
+            raise
+        if du.is_main():
+            print(f"ddpm-sample: {line.removeprefix('config error: ')}", file=sys.stderr)
+        return code
     finally:
         du.destroy()
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

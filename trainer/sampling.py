@@ -8,6 +8,7 @@ the grid and denoising strip written during training come from here too.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_pipeline.storage import atomic_write
 from trainer import distributed as du
 from trainer.config import Config
 
@@ -90,11 +92,13 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:
-    """Write one (C, H, W) uint8 image as PNG."""
+    """Write one (C, H, W) uint8 image as PNG (atomically: a StorageError names a full disk)."""
     from PIL import Image
 
     arr = image.permute(1, 2, 0).numpy()
-    Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+    atomic_write(path, buf.getvalue(), what="image")
 
 
 @torch.no_grad()

@@ -1,30 +1,23 @@
-"""The training step: one micro-batch's loss and backward, the optimizer step, and the device-side
+"""The training step: one micro-batch's backward, the optimizer step, and the device-side
 statistics between log steps (no host sync inside the step).
 
-All randomness of a step derives from (seed, rank, nimg, micro-step), so a resumed run draws
-exactly what an uninterrupted one would have drawn.
+The loss (trainer.loss) draws t and eps per sample from (seed, global sample index); dropout
+inside the UNet is seeded per (seed, rank, nimg, micro-step), so a resume at the same world size
+draws exactly what an uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import resource
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from models.diffusion import drop_labels
 from trainer import distributed as du
-from trainer.build import memory_format as model_memory_format
 from trainer.config import Config
-
-
-def seed_for(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of values (stable across processes and runs)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from trainer.loss import DiffusionLoss, seed_for
 
 
 def lr_at(cfg: Config, nimg: int) -> float:
@@ -33,38 +26,26 @@ def lr_at(cfg: Config, nimg: int) -> float:
     return cfg.train.lr * min(1.0, (nimg + cfg.train.batch_size) / w) if w > 0 else cfg.train.lr
 
 
-def forward_backward(train_model: nn.Module, diffusion, batch: dict[str, torch.Tensor], cfg: Config,
-                     device: torch.device, gen: torch.Generator, amp_dtype: torch.dtype | None, *, seed: int,
-                     scale: float = 1.0, sync_grads: bool = True,
-                     memory_format: torch.memory_format | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch: uint8 -> [-1, 1] on the device, draw (t, eps), loss (eq. 14), backward.
+def micro_step(train_model: nn.Module, loss: DiffusionLoss, batch: dict[str, torch.Tensor],
+               positions: Sequence[int], *, dropout_seed: int, scale: float = 1.0,
+               sync_grads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and backward of one micro-batch; gradients all-reduced only when ``sync_grads``.
 
-    ``memory_format`` is the model's layout (default: ``trainer.build.memory_format``); the
-    input is put in it so no convolution converts layouts and every weight gradient comes out
-    in its weight's layout. Returns the per-sample losses (b,) and their timesteps (b,), still
-    on the device. No host sync: nothing here reads a device value.
+    Returns the per-sample losses (b,) and their timesteps (b,), still on the device.
     """
-    fmt = memory_format if memory_format is not None else model_memory_format(cfg, device)
-    x = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W) uint8, pinned by the loader
-    # One kernel for the dtype and the layout (the loader's batches are channels_last uint8).
-    x0 = x.to(torch.float32, memory_format=fmt).div_(127.5).sub_(1.0)  # [-1, 1]
-    gen.manual_seed(seed)  # a generator on the device: no host round trip
-    torch.manual_seed(seed ^ 0x5DEECE66D)  # dropout draws (eager and inductor read the default generator)
-    T = diffusion.num_timesteps
-    t = torch.randint(0, T, (x0.shape[0],), generator=gen, device=device)  # t ~ U{1..T}, 0-indexed
-    noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)  # eps ~ N(0, I)
-    noise = noise.contiguous(memory_format=fmt)  # same values, the model's layout (x_t follows)
-    y = None
-    if cfg.model.num_classes > 0:
-        y = drop_labels(batch["label"].to(device, non_blocking=True), cfg.train.label_dropout, gen)
+    torch.manual_seed(dropout_seed)  # dropout draws (eager and inductor read the default generator)
     # no_sync: accumulate locally, all-reduce only on the last micro-batch
-    sync_ctx = contextlib.nullcontext() if sync_grads or not hasattr(train_model, "no_sync") else train_model.no_sync()
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    sync_ctx = (contextlib.nullcontext() if sync_grads or not hasattr(train_model, "no_sync")
+                else train_model.no_sync())
     with sync_ctx:
-        with amp:
-            losses = diffusion.training_losses(train_model, x0, t, noise, y=y)  # (b,)
+        losses, t = loss(train_model, batch, positions)
         (losses.float().mean() * scale).backward()
     return losses.detach(), t
+
+
+def dropout_seed(seed: int, rank: int, nimg: int, micro: int) -> int:
+    """The dropout seed of one micro-step (per rank: the one draw that depends on the cluster)."""
+    return seed_for(seed, "dropout", rank, nimg, micro)
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, fused: bool,

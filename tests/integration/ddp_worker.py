@@ -20,7 +20,8 @@ from models.diffusion import GaussianDiffusion  # noqa: E402
 from trainer import distributed as du  # noqa: E402
 from trainer.build import build_model, build_optimizer, parallelize  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.step import forward_backward, optimizer_step  # noqa: E402
+from trainer.loss import DiffusionLoss, batch_positions  # noqa: E402
+from trainer.step import micro_step, optimizer_step  # noqa: E402
 
 
 def main() -> int:
@@ -46,14 +47,15 @@ def main() -> int:
     train_model = parallelize(model, cfg, info)
     opt, fused = build_optimizer(model, cfg, device)
     diffusion = GaussianDiffusion(cfg.diffusion).to(device)
-    gen = torch.Generator(device=device)
+    loss = DiffusionLoss(diffusion, seed=0, num_classes=0, label_dropout=0.0, device=device, memory_format=fmt)
     for step in range(3):
         for micro in range(2):
             g = torch.Generator().manual_seed(1000 * info.rank + 10 * step + micro)  # different data per rank
             x = torch.randint(0, 256, (2, 3, s, s), generator=g, dtype=torch.uint8)
             batch = {"image": x.contiguous(memory_format=torch.channels_last)}
-            forward_backward(train_model, diffusion, batch, cfg, device, gen, None, seed=step * 2 + micro,
-                             scale=0.5, sync_grads=micro == 1, memory_format=fmt)
+            positions = batch_positions(8 * step, micro, info.rank, info.world_size, 2)
+            micro_step(train_model, loss, batch, positions, dropout_seed=step * 2 + micro, scale=0.5,
+                       sync_grads=micro == 1)
         optimizer_step(model, opt, fused, cfg.train.grad_clip)
     flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
     everyone = [torch.empty_like(flat) for _ in range(info.world_size)]

@@ -23,12 +23,13 @@ repo = Path(__file__).resolve().parents[2]
 script = """
 import os, sys
 from trainer import distributed as du
+from trainer.startup import init_distributed
 
 def threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 before = threads()
-du.init_distributed()
+init_distributed()
 import torch, torch._dynamo  # imported after init, as the evaluator's libraries do
 assert du.broadcast_object({"k": 1}) == {"k": 1}
 assert du.all_gather_tensor(torch.ones(2, 3)).shape == (4, 3)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import ConfigError
-from trainer.distributed import wait_for_endpoint
+from trainer.startup import wait_for_endpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,10 +26,11 @@ _SCRIPT = r"""
 import json, os, sys
 from pathlib import Path
 from trainer import distributed as du
+from trainer import startup
 from trainer.run_lock import RunDirLocked
 
 out, base = Path(sys.argv[1]), Path(sys.argv[2])
-info = du.init_distributed("gloo", init_timeout_s=60)
+info = startup.init_distributed("gloo", init_timeout_s=60)
 rank = info.rank
 res = {}
 
@@ -41,12 +42,12 @@ def attempt(name, fn):
         res[name] = f"{type(e).__name__}: {e}"
 
 cfg = {"train.lr": 0.0002, "train.total_images": 320, "model.base_channels": 32}
-attempt("same_config", lambda: du.check_same_config(cfg))
+attempt("same_config", lambda: startup.check_same_config(cfg))
 odd = dict(cfg, **({"train.lr": 0.001} if rank == 1 else {}))
-attempt("config_mismatch", lambda: du.check_same_config(odd))
-attempt("shared", lambda: du.check_shared_dir(base / "shared"))
+attempt("config_mismatch", lambda: startup.check_same_config(odd))
+attempt("shared", lambda: startup.check_shared_dir(base / "shared"))
 # A node-local path of the same name: rank 1 looks at another directory than rank 0 wrote to.
-attempt("not_shared", lambda: du.check_shared_dir(base / f"local{rank}", timeout_s=1))
+attempt("not_shared", lambda: startup.check_shared_dir(base / f"local{rank}", timeout_s=1))
 
 def locked():
     raise RunDirLocked("run directory x is in use by another job (host h pid 1)")

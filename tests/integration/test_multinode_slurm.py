@@ -32,8 +32,8 @@ from tests.integration.test_slurm import (
     wait_for,
 )
 
-REAL = "trainer.main:main"
-STANDIN = "tests.slurm.standin_trainer:main"
+REAL = "trainer.main:run"
+STANDIN = "tests.slurm.standin_trainer:run"
 # 60 steps of 8 images: long enough to be killed mid-run after the first checkpoint (step 10).
 LONG = ("train.total_images=480", "checkpoint.every_images=80", "log.every_images=16",
         "log.sample_every_images=0")

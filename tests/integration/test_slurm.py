@@ -28,7 +28,7 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 # The trainer the launcher runs. DDPM_TEST_STANDIN=1 swaps in tests/slurm/standin_trainer.py
 # (same contract, seconds per job) to tell launcher bugs from trainer bugs.
 _standin = os.environ.get("DDPM_TEST_STANDIN") == "1"
-ENTRY = "tests.slurm.standin_trainer:main" if _standin else "trainer.main:main"
+ENTRY = "tests.slurm.standin_trainer:run" if _standin else "trainer.main:run"
 SCRIPT = REPO / ("tests/slurm/standin_trainer.py" if _standin else "trainer/main.py")
 # The tiny config, shortened: 20 steps of 8 images, a checkpoint every 5 steps.
 SHORT = ("train.total_images=160", "checkpoint.every_images=40", "log.sample_every_images=160")

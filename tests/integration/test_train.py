@@ -178,7 +178,8 @@ def test_kill9_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp
         try:
             deadline = time.time() + 180
             while time.time() < deadline and proc.poll() is None:
-                tmps = list((run / "checkpoints").glob("ckpt-*.pt.tmp")) if (run / "checkpoints").is_dir() else []
+                # A write in progress: the hidden temporary file of data_pipeline.storage.atomic_open
+                tmps = list((run / "checkpoints").glob(".ckpt-*.pt.*.tmp")) if (run / "checkpoints").is_dir() else []
                 if tmps and ckpt_files(run):
                     os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-write
                     caught = tmps[0]
@@ -192,12 +193,12 @@ def test_kill9_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp
             break
     assert caught is not None, "never caught a checkpoint being written"
     complete = ckpt_files(run)[-1]
-    assert complete.name < caught.name  # the partial one is newer than the last complete one
+    assert complete.name < caught.name.lstrip(".")  # the partial one is newer than the last complete one
     proc = train(run, data_dir, *big[:-3], "train.total_images=" + str(int(complete.name[5:17]) + 16),
                  "log.sample_every_images=0")
     assert f"resumed from {complete}" in proc.stdout
-    assert "removing incomplete checkpoint file" in proc.stdout
-    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert "removed incomplete checkpoint file" in proc.stdout
+    assert not list((run / "checkpoints").glob(".*.tmp"))
 
 
 def test_changed_model_is_refused_with_a_diff(tmp_path: Path, data_dir: Path) -> None:

@@ -3,7 +3,7 @@
 It lets the SLURM tests exercise the launcher's mechanics in seconds: a gloo all-reduce of
 the stop flag each step (all ranks stop at one step), checkpoints written atomically by
 rank 0 with a `latest` pointer, "resumed from ..." logged, TensorBoard `train/loss` per step.
-The launcher runs it with `--entry tests.slurm.standin_trainer:main`. `standin.crash_at_images=N`
+The launcher runs it with `--entry tests.slurm.standin_trainer:run`. `standin.crash_at_images=N`
 makes rank `standin.crash_rank` (default 1) fail with exit code 1 once N images are reached, on
 every run: a deterministic crash.
 """
@@ -15,15 +15,26 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_REQUEUE = 75
 _last = {"signal": None}
 
 
-def stop_signal() -> str | None:
-    """The signal behind the last stop (the launcher asks, as it asks trainer.main)."""
-    return _last["signal"]
+@dataclass(frozen=True)
+class Outcome:
+    """As trainer.errors.Outcome: the exit code and, for a stop, the signal."""
+
+    code: int
+    signal: str | None = None
+
+
+def run(argv: list[str] | None = None) -> Outcome:
+    """The launcher's entry (as trainer.main.run): the exit code and the signal behind a stop."""
+    _last["signal"] = None
+    code = main(argv)
+    return Outcome(code, _last["signal"] if code == EXIT_REQUEUE else None)
 
 
 _known = {"run.dir", "data.shards", "log.sample_every_images", "train.total_images", "train.batch_size",

@@ -15,11 +15,18 @@ import pytest
 import torch
 
 from models.diffusion import GaussianDiffusion
-from trainer.build import build_model, build_optimizer, parallelize
+from trainer.build import (
+    build_model,
+    build_optimizer,
+    memory_format,
+    parallelize,
+    resolve_precision,
+)
 from trainer.config import load_config
 from trainer.distributed import DistInfo
 from trainer.ema import EMA
-from trainer.step import StepStats, forward_backward, optimizer_step
+from trainer.loss import DiffusionLoss
+from trainer.step import StepStats, micro_step, optimizer_step
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -51,9 +58,9 @@ def _run_steps(cfg, device: torch.device, steps: range, accum: int, parts: tuple
         for micro in range(accum):
             batch = {k: v.pin_memory() if device.type == "cuda" else v
                      for k, v in _batch(cfg, 4, 100 * step + micro).items()}
-            losses, t = forward_backward(train_model, diffusion, batch, cfg, device, gen, amp,
-                                         seed=1000 * step + micro, scale=1.0 / accum,
-                                         sync_grads=micro == accum - 1)
+            losses, t = micro_step(train_model, gen, batch, range(8 * step + 4 * micro, 8 * step + 4 * micro + 4),
+                                   dropout_seed=1000 * step + micro, scale=1.0 / accum,
+                                   sync_grads=micro == accum - 1)
             stats.add_losses(losses, t)
         gn, found_inf = optimizer_step(model, opt, fused, cfg.train.grad_clip)
         stats.add_step(gn, found_inf, step, max_run=5)
@@ -69,8 +76,10 @@ def _parts(cfg, device: torch.device) -> tuple:
     ema = EMA(model, cfg.ema.decays)
     stats = StepStats(device, cfg.diffusion.timesteps)
     diffusion = GaussianDiffusion(cfg.diffusion).to(device)
-    gen = torch.Generator(device=device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = resolve_precision(cfg, device)
+    # "gen" is the loss object: it draws t and eps per sample (trainer.loss)
+    gen = DiffusionLoss(diffusion, seed=0, num_classes=0, label_dropout=0.0, device=device,
+                        memory_format=memory_format(cfg, device), amp_dtype=amp)
     return train_model, model, opt, fused, ema, stats, diffusion, gen, amp
 
 
@@ -134,6 +143,6 @@ def test_cuda_compiled_bf16_step_has_no_host_sync() -> None:
     train_model, model, opt, fused, ema, stats, diffusion, gen, amp = parts
     assert align_grad_strides(model) > 0
     batch = {k: v.pin_memory() for k, v in _batch(cfg, 4, 7).items()}
-    forward_backward(train_model, diffusion, batch, cfg, device, gen, amp, seed=7)
+    micro_step(train_model, gen, batch, range(4), dropout_seed=7)
     odd = [(n, p.stride(), p.grad.stride()) for n, p in model.named_parameters() if p.grad.stride() != p.stride()]
     assert not odd, odd

@@ -37,14 +37,42 @@ def test_levels_resolve_in_unet_config() -> None:
 
 
 @pytest.mark.parametrize("resolutions", ["[16]", "[]", "[32, 8]"])
-def test_levels_and_resolutions_are_exclusive(resolutions: str) -> None:
-    """quickstart sets attn_levels; naming resolutions too is refused, even the field's default [16]."""
-    with pytest.raises(ConfigError, match=r"set one of them \(model.attn_levels=\[\] to use model.attn_resolutions\)"):
-        load_config(preset_path("quickstart"), [f"model.attn_resolutions={resolutions}"])
-    cfg = load_config(preset_path("quickstart"), ["model.attn_levels=[]", f"model.attn_resolutions={resolutions}"])
+def test_a_command_line_key_wins_over_its_pair_from_the_file(resolutions: str) -> None:
+    """quickstart sets attn_levels; model.attn_resolutions on the command line replaces it, with one note."""
+    notes: list[str] = []
+    cfg = load_config(preset_path("quickstart"), [f"model.attn_resolutions={resolutions}"], notes)
     assert list(cfg.model.attn_resolutions) == [int(r) for r in resolutions.strip("[]").split(",") if r]
+    assert cfg.model.attn_levels == ()
+    assert notes == ["model.attn_resolutions from the command line replaces model.attn_levels from the config file"]
+    # The same rule the other way round, and for the heads pair.
+    notes = []
+    cfg = load_config(preset_path("cifar10_32"), ["model.attn_levels=[2]"], notes)
+    assert cfg.model.attn_resolutions == (8,) and len(notes) == 1
     with pytest.raises(ValueError, match="both place attention"):
         UNetConfig(attn_levels=(1,), attn_resolutions=(4,)).validate()
+
+
+def test_both_keys_of_a_pair_in_one_source_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"both place attention \(both on the command line\): set one of them"):
+        load_config(preset_path("quickstart"), ["model.attn_levels=[1]", "model.attn_resolutions=[8]"])
+    both = tmp_path / "both.yaml"
+    both.write_text("model:\n  attn_levels: [1]\n  attn_resolutions: [8]\n  num_heads: 4\n")
+    with pytest.raises(ConfigError, match=r"both place attention \(both in both.yaml\)"):
+        load_config(both)
+    heads = tmp_path / "heads.yaml"
+    heads.write_text("model:\n  num_heads: 4\n  num_head_channels: 32\n")
+    with pytest.raises(ConfigError, match="both set the attention heads"):
+        load_config(heads)
+    heads.write_text("model:\n  num_head_channels: 32\n")
+    notes: list[str] = []
+    cfg = load_config(heads, ["model.num_heads=2"], notes)  # the command line wins: num_head_channels back to -1
+    assert (cfg.model.num_heads, cfg.model.num_head_channels) == (2, -1) and len(notes) == 1
+
+
+def test_a_list_written_without_brackets_names_the_syntax() -> None:
+    with pytest.raises(ConfigError, match=r"model.channel_mult: expected a list, got '1,2': write lists in brackets, "
+                                          r"e.g. model.channel_mult=\[1,2\]"):
+        load_config(None, ["model.channel_mult=1,2"])
 
 
 def test_resolved_config_reloads_and_resumes_runs_from_before_attn_levels(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from trainer import distributed as du
 from trainer.config import ConfigError
+from trainer.errors import EXIT_CONFIG, EXIT_OK, classify
 from trainer.evaluation.features import extract_features, make_extractor
 from trainer.evaluation.metrics import (
     compute_metrics,
@@ -35,6 +36,7 @@ from trainer.evaluation.metrics import (
 from trainer.evaluation.reference import load_reference, reference_from_data
 from trainer.sample_set import ProtocolMismatchError, SampleSet
 from trainer.sampling import sample_images
+from trainer.startup import init_distributed
 
 log = logging.getLogger("ddpm")
 
@@ -48,11 +50,10 @@ paper_results = {
 
 
 def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict[str, Any], Path]:
-    from trainer.checkpoint import load_for_inference, resolve_checkpoint
+    from trainer.checkpoint import open_for_inference
 
-    ckpt = resolve_checkpoint(args.checkpoint or args.run_dir)
-    model, diffusion, config = load_for_inference(ckpt, which="ema", ema_index=args.ema_index)
-    return model, diffusion, config, ckpt
+    got = open_for_inference(args.checkpoint or args.run_dir, which="ema", ema_index=args.ema_index)
+    return got.model, got.diffusion, got.config, got.path
 
 
 def _data_config(config: dict[str, Any]) -> Any:
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
     """The standalone evaluation; every rank runs it. Returns the report (on every rank)."""
-    info = du.init_distributed()
+    info = init_distributed()
     device, rank, world = info.device, du.get_rank(), du.get_world_size()
     model, diffusion, config, ckpt = _load_model(args)
     model.to(device)
@@ -228,9 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ProtocolMismatchError, FileNotFoundError) as e:
         # A user's mistake or an offline machine: one line, the same on every rank.
         print(f"ddpm-evaluate: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except Exception as e:
+        code, line = classify(e)  # a set-up mistake (2) or a storage fault (74): one line; else a crash
+        if line is None:
+            raise
+        print(f"ddpm-evaluate: {line.removeprefix('config error: ')}", file=sys.stderr)
+        return code
     finally:
         du.destroy()
-    return 0
+    return EXIT_OK
 
 

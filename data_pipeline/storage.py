@@ -1,0 +1,278 @@
+"""Every file the project writes goes through here, and every storage fault becomes one line.
+
+``atomic_write`` is the one way to write a file: a hidden temporary name beside the target
+(``.<name>.<token>.tmp``), flush, fsync, rename over the target, fsync of the directory. A reader
+sees the old file or the new complete one, never a part; a write that fails removes its
+temporary file and raises ``StorageError``: one line naming the path, what happened (full disk,
+quota, read-only or vanished filesystem, permission), the space needed and free where that is
+the cause, and the fix.
+
+Standard library only: ``trainer.run_lock`` and the SLURM launcher import it without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+TMP_SUFFIX = ".tmp"
+RETRY_HINT = "run the same command again"
+
+# errno -> kind. Only these are storage faults; anything else is a bug or a missing input.
+_FAULTS = {
+    errno.ENOSPC: "full",
+    errno.EDQUOT: "quota",
+    errno.EROFS: "read-only",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+    errno.EIO: "io",
+    errno.ESTALE: "vanished",
+    errno.ENOTCONN: "vanished",
+    errno.ENODEV: "vanished",
+}
+# Raised deep inside other libraries (torch.compile's cache, TensorBoard), these are unambiguous.
+_UNAMBIGUOUS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE}
+
+
+class StorageError(OSError):
+    """A write failed because of the storage; ``str()`` is the one line a user sees."""
+
+    def __init__(self, message: str, path: str | os.PathLike, kind: str, code: int | None) -> None:
+        super().__init__(code or 0, message)
+        self.message = message
+        self.path = str(path)
+        self.kind = kind  # full | quota | read-only | permission | io | vanished
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple:  # picklable across ranks (broadcast_object) and processes
+        return (StorageError, (self.message, self.path, self.kind, self.errno))
+
+
+def fmt_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KiB'; None -> '?'."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def existing_parent(path: str | os.PathLike) -> Path:
+    """``path`` or its nearest ancestor that exists (for statvfs of a folder not made yet)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free for this user on the filesystem holding ``path`` (None when unknown)."""
+    try:
+        st = os.statvfs(existing_parent(path))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_fault(e: BaseException) -> bool:
+    """True for an OSError caused by the storage (full, quota, read-only, vanished, I/O, permission)."""
+    return isinstance(e, StorageError) or (isinstance(e, OSError) and e.errno in _FAULTS)
+
+
+def find_fault(e: BaseException | None) -> OSError | None:
+    """The storage fault inside an exception chain (``__cause__``/``__context__``), if any.
+
+    torch.compile, TensorBoard and pickling wrap the OSError of a full disk in their own errors;
+    only unambiguous errnos count there (a permission error deep inside a library may be a bug).
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, StorageError):
+            return e
+        if isinstance(e, OSError) and e.errno in _UNAMBIGUOUS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def storage_error(e: OSError, path: str | os.PathLike, *, needed: int | None = None,
+                  what: str = "", fix: str = "") -> StorageError:
+    """The one-line StorageError for OSError ``e`` while writing ``path`` (``e`` itself if it is one).
+
+    ``needed``: bytes the write needed (shown for a full disk); ``what``: what was being written
+    ('checkpoint', 'TensorBoard events', ...); ``fix``: overrides the default advice.
+    """
+    if isinstance(e, StorageError):
+        return e
+    path = Path(path)
+    kind = _FAULTS.get(e.errno or 0, "io")
+    reason = e.strerror or str(e)
+    item = f"{what} {path}" if what else str(path)
+    where = path.parent if path.suffix else path
+    if kind in ("full", "quota"):
+        free = free_bytes(path)
+        need = f"needs {fmt_bytes(needed)}, " if needed else ""
+        cause = "no space left" if kind == "full" else "disk quota exceeded"
+        msg = (f"{cause} writing {item} ({need}{fmt_bytes(free)} free on its filesystem): "
+               f"{fix or 'free space (or raise the quota) and ' + RETRY_HINT}")
+    elif kind == "read-only":
+        msg = (f"cannot write {item}: {where} is on a read-only filesystem: "
+               f"{fix or 'remount it read-write or use another directory, then ' + RETRY_HINT}")
+    elif kind == "permission":
+        msg = (f"cannot write {item}: permission denied in {where}: "
+               f"{fix or 'make it writable for this user or use another directory, then ' + RETRY_HINT}")
+    else:
+        msg = (f"cannot write {item}: {reason} (the filesystem of {where} failed or went away): "
+               f"{fix or 'check the mount, then ' + RETRY_HINT}")
+    return StorageError(msg, path, kind, e.errno)
+
+
+def tmp_path(path: str | os.PathLike) -> Path:
+    """The temporary name a write of ``path`` uses: hidden, unique, ending in ``.tmp``."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in ``path`` durable (a no-op where the filesystem cannot fsync folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+Writer = Callable[[IO[bytes]], Any]
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Writer, *, needed: int | None = None,
+                 what: str = "", fix: str = "", mode: int | None = None) -> Path:
+    """Write ``data`` (bytes, text, or a function writing to a binary file) to ``path`` atomically.
+
+    Temporary file, flush, fsync, rename, folder fsync. On failure the temporary file is removed
+    and a storage fault raises StorageError (one line); other errors propagate unchanged.
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    if needed is None and isinstance(data, bytes | bytearray):
+        needed = len(data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        fault = e if is_fault(e) else find_fault(e)
+        if fault is not None:
+            raise storage_error(fault, path, needed=needed, what=what, fix=fix) from e
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, *, needed: int | None = None, what: str = "",
+                fix: str = "") -> Iterator[IO[bytes]]:
+    """``with atomic_open(p) as f: ...``: the body writes ``f``; committed like ``atomic_write``."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        fault = e if is_fault(e) else find_fault(e)
+        if fault is not None:
+            raise storage_error(fault, path, needed=needed, what=what, fix=fix) from e
+        raise
+
+
+def atomic_link(src: str | os.PathLike, dst: str | os.PathLike, *, what: str = "") -> Path:
+    """Make ``dst`` a hard link to ``src`` atomically (a copy where links are not supported)."""
+    src, dst = Path(src), Path(dst)
+    tmp = tmp_path(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError as e:
+            if e.errno in _FAULTS and e.errno not in (errno.EPERM,):
+                raise
+            shutil.copyfile(src, tmp)  # filesystems without hard links
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise storage_error(e, dst, needed=src.stat().st_size if src.exists() else None, what=what) from e
+    return dst
+
+
+def remove_partial(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``directory`` (not recursive); returns them."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in d.iterdir():
+        if p.name.endswith(TMP_SUFFIX) and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def check_writable(directory: str | os.PathLike, *, what: str = "directory", fix: str = "") -> Path:
+    """Create ``directory`` if needed and prove a file can be written there; StorageError if not."""
+    d = Path(directory)
+    probe = d / f".write-check-{secrets.token_hex(4)}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write(probe, b"ok", what=what, fix=fix)
+    except StorageError:
+        raise
+    except OSError as e:
+        raise storage_error(e, d, what=what, fix=fix) from e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return d
+
+
+def reserve_check(directory: str | os.PathLike, needed: int) -> tuple[bool, int | None]:
+    """(whether ``needed`` bytes fit on the filesystem of ``directory``, bytes free)."""
+    free = free_bytes(directory)
+    return (free is None or free >= needed), free
