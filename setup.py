@@ -10,7 +10,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["trainer*", "models*", "data_pipeline*", "launch*", "configs*"]),
+    packages=find_packages(include=["trainer*", "models*", "data_pipeline*", "launch*", "configs*", "benchmarks*"]),
     package_data={"configs": ["*.yaml"], "launch": ["*.sbatch"]},
     install_requires=[
         "torch>=2.11,<2.15",
@@ -39,6 +39,8 @@ setup(
             "ddpm-train=trainer.main:main",
             "ddpm-sample=trainer.sample:main",
             "ddpm-evaluate=trainer.evaluate:main",
+            "ddpm-ema=trainer.posthoc_cli:main",
+            "ddpm-export=trainer.export:main",
             "ddpm-prepare=data_pipeline.prepare:main",
             "ddpm-submit=launch.submit:main",
         ]

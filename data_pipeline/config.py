@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 BACKENDS = ("webdataset", "ffcv", "memory")
 CROPS = ("center", "random", "none")
 ON_DATA_CHANGE = ("restart_epoch", "error")
+ORDERS = ("global", "streaming")
 
 
 class SetupError(ValueError):
@@ -43,8 +44,19 @@ class DataConfig:
     )
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips (seeded)"})
+    order: str = field(
+        default="global",
+        metadata={
+            "help": "global (sample order independent of the cluster; local files and http(s)) | "
+            "streaming (per-worker shard streams: pipe: sources)"
+        },
+    )
+    shuffle_shards: int = field(
+        default=8,
+        metadata={"help": "global order: the samples of this many consecutive shards are shuffled together"},
+    )
     shuffle_buffer: int = field(
-        default=256, metadata={"help": "samples in the seeded within-shard shuffle buffer"}
+        default=256, metadata={"help": "streaming order: samples in the seeded within-shard shuffle buffer"}
     )
     prefetch_factor: int = field(default=2, metadata={"help": "batches prefetched per worker"})
     gpu_decode: bool = field(
@@ -83,6 +95,10 @@ class DataConfig:
         default=0,
         metadata={"help": "> 0: generate this many synthetic images into `shards` if missing"},
     )
+    audit: bool = field(
+        default=False,
+        metadata={"help": "write every consumed sample (epoch, key, shard, index, nimg) to <run dir>/audit/"},
+    )
     memory_device_max_gb: float = field(
         default=4.0,
         metadata={
@@ -114,6 +130,10 @@ class DataConfig:
             raise ValueError(f"data.image_size must be >= 0, got {self.image_size}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.order not in ORDERS:
+            raise ValueError(f"data.order must be one of {ORDERS}, got {self.order!r}")
+        if self.shuffle_shards < 1:
+            raise ValueError(f"data.shuffle_shards must be >= 1, got {self.shuffle_shards}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.prefetch_factor < 1:

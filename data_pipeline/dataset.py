@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, SetupError
 from data_pipeline.images import IMAGE_EXTS, decode_image, is_upscaled, resize_crop
 from data_pipeline.shards import (
     ShardSet,
@@ -64,20 +64,24 @@ def first_image_size(url: str) -> int:
     return 0
 
 
-def open_dataset(cfg: DataConfig, *, rank: int = 0, backend: str = "webdataset") -> Dataset:
-    """Resolve the shards, the output size and the classes; one clear ValueError where it cannot work."""
-    shards = resolve_shards(cfg.shards)
+def open_dataset(cfg: DataConfig, *, rank: int = 0, backend: str = "webdataset",
+                 log_path: bool = True) -> Dataset:
+    """Resolve the shards, the output size and the classes; one SetupError line where it cannot work."""
+    try:
+        shards = resolve_shards(cfg.shards)
+    except (FileNotFoundError, ValueError) as e:  # no shards, a missing path, an unreachable manifest
+        raise SetupError(str(e)) from None
     size = cfg.image_size or shards.image_size
     if not size:
         size = first_image_size(shards.urls[0])
         if not size:
-            raise ValueError(
+            raise SetupError(
                 f"cannot tell the image size: no readable image at the start of {shards.urls[0]}; "
                 "set data.image_size"
             )
     presized = shards.image_size == size
     if shards.image_size and not presized and cfg.crop == "none":
-        raise ValueError(
+        raise SetupError(
             f"data.image_size={size} but the shards hold {shards.image_size}px images and "
             f"data.crop=none: set data.crop=center to resize them in the loader, or prepare them "
             f"at this size (ddpm-prepare SOURCE OUT_DIR --size {size})"
@@ -86,18 +90,19 @@ def open_dataset(cfg: DataConfig, *, rank: int = 0, backend: str = "webdataset")
     if cfg.use_labels:
         if shards.manifest is not None:
             if not shards.classes:
-                raise ValueError(
-                    "data.use_labels is on but the manifest lists no classes (prepare --labels)"
+                raise SetupError(
+                    "data.use_labels is on but the manifest lists no classes: prepare the shards with "
+                    "ddpm-prepare --labels, or set data.use_labels=false"
                 )
             num_classes = len(shards.classes)
         elif cfg.num_classes:
             num_classes = cfg.num_classes
         else:
-            raise ValueError(
+            raise SetupError(
                 "data.use_labels is on and the shards have no manifest listing the classes: "
                 "set data.num_classes (the trainer passes model.num_classes)"
             )
-    if rank == 0:
+    if rank == 0 and log_path:
         _log_path(shards, size, presized, cfg, backend)
     return Dataset(shards, size, num_classes, presized)
 

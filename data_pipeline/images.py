@@ -90,19 +90,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def from_pil(img: Image.Image) -> Tensor:
+    """(3, H, W) uint8 RGB of a PIL image, EXIF orientation applied (any mode, as decode_image)."""
+    arr = np.array(to_rgb(ImageOps.exif_transpose(img)))  # (H, W, 3) uint8, a writable copy
+    return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W) with HWC strides, like decode_jpeg
+
+
 def _decode_pil(data: bytes) -> Tensor:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # forces a full decode, so truncated files fail here, not later
-            rgb = to_rgb(ImageOps.exif_transpose(img))
-            arr = np.array(rgb)  # (H, W, 3) uint8, a writable copy
+            return from_pil(img)
     except UnidentifiedImageError:
         raise ImageError(f"not an image of a known type ({len(data)} bytes)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
-    return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W) with HWC strides, like decode_jpeg
 
 
 def decode_image(data: bytes, ext: str = "") -> Tensor:

@@ -20,6 +20,8 @@ import os
 import random
 import re
 import tarfile
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,12 +96,54 @@ def is_remote(s: str) -> bool:
     return s.startswith(("http://", "https://", "pipe:"))
 
 
-def _fetch_json(url: str) -> dict | None:
+# Transient HTTP answers: retried with backoff for at most DDPM_HTTP_RETRY_S seconds (default 120).
+TRANSIENT_HTTP = (408, 425, 429, 500, 502, 503, 504)
+
+
+def http_retry_s() -> float:
+    """How long a transient network error is retried (env DDPM_HTTP_RETRY_S, default 120 s)."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError):
+        return float(os.environ.get("DDPM_HTTP_RETRY_S", "120"))
+    except ValueError:
+        return 120.0
+
+
+def fetch_url(url: str, *, what: str = "file", missing_ok: bool = False) -> bytes | None:
+    """GET ``url``; transient errors (5xx, 429, timeouts, resets) are retried with backoff for a
+    bounded time, then one FileNotFoundError line naming the URL and the last HTTP status.
+
+    A 404 returns None when ``missing_ok`` (e.g. an optional manifest beside shards).
+    """
+    deadline = time.monotonic() + http_retry_s()
+    delay, last = 0.5, ""
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            if e.code in (403, 404) and missing_ok:  # S3 answers 403 for a missing object
+                return None
+            last = f"HTTP {e.code} {e.reason}"
+            if e.code not in TRANSIENT_HTTP:
+                break
+        except (OSError, ValueError) as e:  # refused, reset, timed out, DNS
+            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        if time.monotonic() + delay > deadline:
+            break
+        log.warning("fetching %s %s failed (%s); retrying in %.1f s", what, url, last, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
+    raise FileNotFoundError(f"cannot fetch the {what} {url}: {last} (retried for {http_retry_s():.0f} s)")
+
+
+def _fetch_json(url: str, *, missing_ok: bool = False) -> dict | None:
+    data = fetch_url(url, what="manifest", missing_ok=missing_ok)
+    if data is None:
         return None
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise FileNotFoundError(f"the manifest {url} is not valid JSON ({e})") from None
 
 
 def _from_manifest(man: dict, base: str) -> ShardSet:
@@ -130,11 +174,9 @@ def resolve_shards(spec: str) -> ShardSet:
     if spec.startswith(("http://", "https://")):
         if spec.endswith(".json"):
             man = _fetch_json(spec)
-            if man is None:
-                raise FileNotFoundError(f"cannot fetch the manifest {spec}")
             return _from_manifest(man, spec.rsplit("/", 1)[0])
         urls = list(braceexpand(spec))
-        man = _fetch_json(urls[0].rsplit("/", 1)[0] + "/manifest.json")
+        man = _fetch_json(urls[0].rsplit("/", 1)[0] + "/manifest.json", missing_ok=True)
         return _with_manifest(urls, man)
     path = Path(spec)
     if path.is_dir():

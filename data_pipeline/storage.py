@@ -23,6 +23,7 @@ from typing import IO, Any
 
 TMP_SUFFIX = ".tmp"
 RETRY_HINT = "run the same command again"
+EXIT_STORAGE = 74  # the exit code of every command stopped by a storage fault while working (EX_IOERR)
 
 # errno -> kind. Only these are storage faults; anything else is a bug or a missing input.
 _FAULTS = {
@@ -119,7 +120,7 @@ def storage_error(e: OSError, path: str | os.PathLike, *, needed: int | None = N
     kind = _FAULTS.get(e.errno or 0, "io")
     reason = e.strerror or str(e)
     item = f"{what} {path}" if what else str(path)
-    where = path.parent if path.suffix else path
+    where = path if path.is_dir() else path.parent
     if kind in ("full", "quota"):
         free = free_bytes(path)
         need = f"needs {fmt_bytes(needed)}, " if needed else ""
@@ -241,14 +242,20 @@ def atomic_link(src: str | os.PathLike, dst: str | os.PathLike, *, what: str = "
     return dst
 
 
-def remove_partial(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed writer left in ``directory`` (not recursive); returns them."""
+def remove_partial(directory: str | os.PathLike, legacy: str = "") -> list[Path]:
+    """Delete the temporary files a killed writer left in ``directory`` (not recursive); returns them.
+
+    Only this module's names (``.<name>.<token>.tmp``), plus those matching the glob ``legacy``
+    (temporary names of earlier versions): never a user's own ``*.tmp`` file.
+    """
     d = Path(directory)
     if not d.is_dir():
         return []
     removed = []
+    old = set(d.glob(legacy)) if legacy else set()
     for p in d.iterdir():
-        if p.name.endswith(TMP_SUFFIX) and p.is_file():
+        mine = p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.name.count(".") >= 3
+        if (mine or p in old) and p.is_file():
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed.append(p)
@@ -261,11 +268,10 @@ def check_writable(directory: str | os.PathLike, *, what: str = "directory", fix
     probe = d / f".write-check-{secrets.token_hex(4)}"
     try:
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write(probe, b"ok", what=what, fix=fix)
-    except StorageError:
-        raise
-    except OSError as e:
-        raise storage_error(e, d, what=what, fix=fix) from e
+        atomic_write(probe, b"ok")
+    except OSError as e:  # the message names the folder, not the probe
+        fault = e if not isinstance(e, StorageError) else OSError(e.errno, e.strerror or str(e))
+        raise storage_error(fault, d, what=what, fix=fix) from e
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
@@ -276,3 +282,33 @@ def reserve_check(directory: str | os.PathLike, needed: int) -> tuple[bool, int 
     """(whether ``needed`` bytes fit on the filesystem of ``directory``, bytes free)."""
     free = free_bytes(directory)
     return (free is None or free >= needed), free
+
+
+class DirWatch:
+    """Notices when a directory's filesystem goes away under a running job.
+
+    After ``umount -l`` (or a replaced mount, or a lost network filesystem) the same path names
+    another directory, or none: writers that create missing folders would then write beside the
+    user's data on the filesystem below, and writers holding open files would write into a
+    detached one. ``fault()`` compares the directory's (device, inode) with those at start.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str = "run directory") -> None:
+        self.path = Path(path).absolute()
+        self.what = what
+        st = os.stat(self.path)
+        self.ident = (st.st_dev, st.st_ino)
+
+    def fault(self) -> StorageError | None:
+        """A one-line StorageError when the directory is gone or is not the one it was, else None."""
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, *_FAULTS):
+                return None  # e.g. an interrupted stat: look again at the next check
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == self.ident:
+            return None
+        return StorageError(
+            f"the {self.what} {self.path} went away while the job was writing to it (its filesystem was "
+            f"unmounted, replaced or lost): remount it, then {RETRY_HINT}", self.path, "vanished", errno.ENODEV)

@@ -373,6 +373,25 @@ def make_task(args: argparse.Namespace, run_dir: Path) -> TrainTask:
     )
 
 
+def check_trainer_config(task: TrainTask, world_size: int) -> None:
+    """Resolve and check the trainer's config exactly as every task's trainer will; ValueError (one line).
+
+    The same parsing (trainer.main), preset lookup, file, overrides and field checks, and the batch
+    plan for the job's world size: a mistake is named here instead of by a job that queued for hours.
+    """
+    if task.entry != TrainTask.entry:  # another entry point (the tests' stand-in) has its own contract
+        return
+    # Imported here: launch/ stays free of torch until a submission is checked.
+    from trainer.config import ConfigError, load_config, plan_batches
+    from trainer.main import find_config, parse_args
+
+    try:
+        targs = parse_args(list(task.argv))
+        plan_batches(load_config(find_config(targs.config), targs.overrides), world_size)
+    except (ConfigError, FileNotFoundError) as e:
+        raise ValueError(f"config error: {e} (every rank of the job would stop on it; nothing submitted)") from None
+
+
 def submit(argv: Sequence[str]) -> str:
     """Submit the job described by CLI-style argv; returns the SLURM job id ("" on --dry-run)."""
     args = build_parser().parse_args(argv)
@@ -380,9 +399,11 @@ def submit(argv: Sequence[str]) -> str:
     params = job_parameters(args, run_dir)
     task = make_task(args, run_dir)
     folder = run_dir / "slurm"
+    world_size = args.nodes * params["ntasks_per_node"]
     from submitit.slurm import slurm as submitit_slurm  # the only place submitit is used
 
     if args.dry_run:
+        check_trainer_config(task, world_size)
         command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
         print(submitit_slurm._make_sbatch_string(command=command, folder=folder, **params))
         n = args.nodes * params["ntasks_per_node"]
@@ -398,6 +419,7 @@ def submit(argv: Sequence[str]) -> str:
         # sbatch would refuse with "Node count specification invalid" and a traceback.
         raise ValueError(f"--nodes {args.nodes} but partition {part[0]} has {part[1]} node(s) (scontrol show "
                          f"partition {part[0]}): ask for at most {part[1]}, or pick another --partition")
+    check_trainer_config(task, world_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     executor = submitit_slurm.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
     executor.update_parameters(**params)

@@ -1,4 +1,5 @@
-"""Import and export the diffusers UNet2DModel format (config.json + safetensors).
+"""Import and export the diffusers UNet2DModel format (config.json + safetensors), and the
+DDPMScheduler config of a run's schedule (``diffusers_scheduler_config``).
 
 The official DDPM checkpoints (google/ddpm-cifar10-32, google/ddpm-ema-church-256,
 ...) are published in this format. Only the paper's family of UNet2DModel
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from models.diffusion import DiffusionConfig, make_betas
 from models.unet import UNet, UNetConfig, check_state_dict
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -156,6 +158,43 @@ def diffusers_config_from_unet(cfg: UNetConfig) -> dict:
         "class_embed_type": None,
         "num_class_embeds": cfg.num_classes + 1 if cfg.num_classes > 0 else None,
     }
+
+
+# diffusion.target -> DDPMScheduler prediction_type
+_PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+# diffusers' squaredcos_cap_v2 is the cosine schedule with s = 0.008 and betas capped at 0.999
+_DIFFUSERS_COSINE_S = 0.008
+
+
+def diffusers_scheduler_config(cfg: DiffusionConfig) -> dict:
+    """The DDPMScheduler scheduler_config.json dict of this forward process and the paper's sampler.
+
+    Betas: linear (beta_start, beta_end) or cosine as ``squaredcos_cap_v2``; a cosine schedule with
+    another offset s travels as ``trained_betas``. The sampler's defaults: the ancestral step with
+    sigma^2 = beta (``fixed_large``) and the predicted x0 clipped to [-1, 1].
+    """
+    cfg.validate()
+    config = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": cfg.timesteps,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "variance_type": "fixed_large",
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "prediction_type": _PREDICTION_TYPES[cfg.target],
+        "thresholding": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+    }
+    if cfg.schedule == "cosine":
+        if cfg.cosine_s == _DIFFUSERS_COSINE_S:
+            config["beta_schedule"] = "squaredcos_cap_v2"
+        else:
+            config["trained_betas"] = make_betas(cfg).tolist()
+    return config
 
 
 # (our name, diffusers name) for parameters that are a plain rename; regexes, applied in order

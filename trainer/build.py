@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_pipeline import build_loader
 from data_pipeline.config import SetupError
+from data_pipeline.loader import build_loader, prepare_index
+from data_pipeline.shards import is_remote
 from models.unet import UNet
 from trainer import distributed as du
 from trainer.config import BatchPlan, Config, ConfigError
@@ -43,6 +44,13 @@ def synthetic_data(cfg: Config) -> None:
     """
     if cfg.data.synthetic_images <= 0:
         return
+    spec = str(cfg.data.shards)
+    if is_remote(spec) or any(c in spec for c in "{}*?[") or spec.endswith((".tar", ".json")):
+        # A URL, a pattern or a file names someone's shards: never a folder to make images in
+        # (a URL would otherwise become a local folder named "http:").
+        log.info("data: %s is not a local folder: training on it as it is (data.synthetic_images=%d only "
+                 "fills an empty folder)", spec, cfg.data.synthetic_images)
+        return
 
     def make() -> str:
         from data_pipeline.synthetic import ensure_synthetic_shards
@@ -57,15 +65,20 @@ def synthetic_data(cfg: Config) -> None:
 
 
 def build_data(cfg: Config, plan: BatchPlan, info: du.DistInfo, run_dir: Path | None = None) -> Any:
-    """The synthetic shards on first use, then the loader of data_pipeline/, checked against the
-    model (image size, classes). ``run_dir`` holds the loader's cached shard index."""
+    """The synthetic shards on first use, the shard index (rank 0, cached in ``run_dir``), then the
+    loader of data_pipeline/, checked against the model (image size, classes)."""
     synthetic_data(cfg)
     # The loader resizes/crops online to the model's size and checks labels against its classes
     # (set here, not in the config, so data.image_size in the fingerprint stays as the user wrote it).
     data_cfg = dataclasses.replace(cfg.data, image_size=cfg.data.image_size or cfg.model.image_size,
                                    num_classes=cfg.data.num_classes or cfg.model.num_classes)
-    loader = build_loader(data_cfg, batch_size=plan.batch_per_gpu, rank=info.rank,
-                          world_size=info.world_size, seed=cfg.run.seed, device=info.device)
+    cache = run_dir / "data_index.npz" if run_dir is not None else None
+    if cfg.data.backend == "webdataset":
+        # Rank 0 reads the tar headers once (or checks the cached index against the shard list);
+        # the other ranks then load the cache instead of reading every header themselves.
+        du.run_on_main(lambda: prepare_index(data_cfg, cache), SetupError)
+    loader = build_loader(data_cfg, batch_size=plan.batch_per_gpu, rank=info.rank, world_size=info.world_size,
+                          seed=cfg.run.seed, device=info.device, global_batch=plan.global_batch, index_cache=cache)
     if cfg.data.use_labels and cfg.model.num_classes != loader.num_classes:
         loader.close()
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data has {loader.num_classes} classes")

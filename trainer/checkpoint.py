@@ -138,6 +138,7 @@ class CheckpointManager:
         self.async_write = async_write
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.committed_nimg = 0  # images of the newest checkpoint this manager wrote completely
 
     # ------------------------------------------------------------------ writing
     def save(self, state: dict[str, Any], nimg: int, best: str | None = None) -> Path:
@@ -175,6 +176,7 @@ class CheckpointManager:
         if best:
             atomic_link(path, self.dir / f"best-{best}.pt", what="best checkpoint")
         self._prune()
+        self.committed_nimg = max(self.committed_nimg, nimg)  # read by the training thread (an int: atomic)
         log.info("checkpoint written: %s", path)
 
     def mark_best(self, metric: str) -> None:
@@ -190,7 +192,7 @@ class CheckpointManager:
 
     def remove_partial(self) -> None:
         """Delete temporary files left by a writer that was killed mid-write (call at start-up)."""
-        for tmp in remove_partial(self.dir):
+        for tmp in remove_partial(self.dir, legacy="ckpt-*.pt.tmp"):
             log.warning("removed incomplete checkpoint file %s", tmp)
 
     def failure(self) -> BaseException | None:

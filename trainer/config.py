@@ -34,6 +34,7 @@ from trainer.config_sections import (
     RunConfig,
     TrainConfig,
 )
+from trainer.ema_math import SIGMA_REL_WIDEST
 
 
 class ConfigError(SetupError):
@@ -70,6 +71,8 @@ FINGERPRINT_FIELDS = (
     "data.image_size",
     "data.hflip",
     "data.use_labels",
+    "data.order",
+    "data.shuffle_shards",
     "train.batch_size",
     "train.lr",
     "train.warmup_images",
@@ -80,10 +83,30 @@ FINGERPRINT_FIELDS = (
     "train.label_dropout",
     "ema.decays",
     "ema.warmup",
+    "ema.sigma_rels",
 )
 # How attention was asked for, not what the model is: the resolved model.attn_resolutions is
 # fingerprinted, so runs started before model.attn_levels existed still resume.
 FINGERPRINT_IGNORED = ("model.attn_levels",)
+# Fingerprinted keys added after runs already existed, with the value that means "as before the key
+# existed". A checkpoint whose config lacks one resumes with that value (one log line), so running
+# the same command on an older run directory continues it instead of refusing it.
+ADDED_KEYS: dict[str, Any] = {
+    "data.order": "streaming",  # runs before the global order read per-worker shard streams
+    "data.shuffle_shards": 8,
+    "ema.sigma_rels": (),  # runs before power-function EMA profiles tracked fixed decays only
+}
+
+
+def adopt_added_keys(cfg: Config, saved: dict[str, Any]) -> list[str]:
+    """Set every ADDED_KEYS key that the saved config lacks to its earlier behaviour; returns notes."""
+    flat = flatten(saved)
+    notes = []
+    for key, before in ADDED_KEYS.items():
+        if key not in flat and key in fingerprint_fields(to_dict(cfg)):
+            set_dotted(cfg, key, list(before) if isinstance(before, tuple) else before)
+            notes.append(f"{key}={before!r}: this run started before the key existed, so it continues as it began")
+    return notes
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -320,18 +343,31 @@ def validate_fields(cfg: Config) -> None:
     if cfg.log.sample_sampler not in ("ddim", "ddpm"):
         raise ConfigError(f"log.sample_sampler: expected ddim or ddpm, got {cfg.log.sample_sampler!r}")
     for key in ("train.batch_size", "train.total_images", "checkpoint.every_images", "log.every_images",
-                "checkpoint.keep_last", "train.max_nonfinite_steps", "ema.decays"):
+                "checkpoint.keep_last", "train.max_nonfinite_steps"):
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name)
         vals = v if isinstance(v, tuple) else (v,)
         if not vals or any(x <= 0 for x in vals):
             raise ConfigError(f"{key}: must be positive, got {v!r}")
-    if any(not 0.0 < d < 1.0 for d in cfg.ema.decays):
-        raise ConfigError(f"ema.decays: each decay must be in (0, 1), got {cfg.ema.decays!r}")
+    validate_ema(cfg.ema)
     if t.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {t.lr}")
     if t.batch_per_gpu < 0 or t.warmup_images < 0 or t.grad_clip < 0:
         raise ConfigError("train.batch_per_gpu, train.warmup_images and train.grad_clip must be >= 0")
+
+
+def validate_ema(e: EMAConfig) -> None:
+    """At least one profile; decays in (0, 1); sigma_rels of real power-function profiles (EDM2 eq. 3)."""
+    if not e.decays and not e.sigma_rels:
+        raise ConfigError("ema.decays and ema.sigma_rels are both empty: give at least one EMA profile")
+    if any(not 0.0 < d < 1.0 for d in e.decays):
+        raise ConfigError(f"ema.decays: each decay must be in (0, 1), got {e.decays!r}")
+    if any(not 0.0 < s < SIGMA_REL_WIDEST for s in e.sigma_rels) or len(set(e.sigma_rels)) < len(e.sigma_rels):
+        raise ConfigError(f"ema.sigma_rels: distinct widths in (0, {SIGMA_REL_WIDEST:.4f}) (the widest power "
+                          f"profile), e.g. [0.05, 0.1]; got {list(e.sigma_rels)!r}")
+    if e.snapshot_every_images < 0:
+        raise ConfigError(f"ema.snapshot_every_images: must be >= 0 (0 = about 32 per run), got "
+                          f"{e.snapshot_every_images}")
 
 
 @dataclass
@@ -359,7 +395,7 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
     accum = t.batch_size // (per_gpu * world_size)
     for key in ("train.total_images", "checkpoint.every_images", "log.every_images",
                 "log.sample_every_images", "checkpoint.milestone_every_images", "eval.every_images",
-                "eval.val_every_images"):
+                "eval.val_every_images", "ema.snapshot_every_images"):
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name, 0)
         if v and v % t.batch_size:
@@ -422,9 +458,11 @@ def fingerprint(cfg_dict: dict[str, Any]) -> str:
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Readable lines ``key: old -> new`` for fingerprinted fields that differ."""
+    """Readable lines ``key: old -> new`` for fingerprinted fields that differ (an ADDED_KEYS key that
+    ``old`` lacks does not count: the run continues with its earlier behaviour, see adopt_added_keys)."""
     a, b = fingerprint_fields(old), fingerprint_fields(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys = sorted(k for k in set(a) | set(b) if not (k in ADDED_KEYS and k not in a))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def reference_markdown() -> str:

@@ -49,10 +49,15 @@ class TrainConfig:
 
 @dataclass
 class EMAConfig:
-    """Exponential moving averages of the weights (fp32 shadows)."""
+    """Exponential moving averages of the weights (fp32 shadows): fixed decays, then power profiles."""
 
-    decays: tuple[float, ...] = _f((0.9999,), "one or several EMA decays per optimizer step")
+    decays: tuple[float, ...] = _f((0.9999,), "one or several EMA decays per optimizer step (EMA index 0, 1, ...)")
     warmup: bool = _f(False, "use min(decay, (1 + n) / (10 + n)) for the first updates")
+    sigma_rels: tuple[float, ...] = _f(
+        (0.05, 0.10), "power-function EMA widths (EDM2 sigma_rel, time in images), after the decays; "
+        "snapshotted for ddpm-ema; [] = none")
+    snapshot_every_images: int = _f(
+        0, "snapshot the power profiles (fp16, <run>/ema/) every this many images; 0 = about 32 per run")
 
 
 @dataclass

@@ -15,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_pipeline.config import SetupError
-from data_pipeline.storage import StorageError, find_fault, storage_error
+from data_pipeline.storage import EXIT_STORAGE, StorageError, find_fault, storage_error
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
-EXIT_STORAGE = 74  # EX_IOERR of sysexits.h
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "resume me"
 EXIT_INTERRUPTED = 130
 

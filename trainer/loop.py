@@ -13,11 +13,12 @@ import os
 import time
 
 import torch
+import yaml
 
 from models.flops import training_flops_per_image
 from models.unet import UNet, count_parameters
 from trainer import distributed as du
-from trainer.config import Config, plan_batches
+from trainer.config import Config, adopt_added_keys, flatten, plan_batches, to_dict
 from trainer.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteLossError, Outcome, StorageFault
 from trainer.evaluation.validation import pinned_validation_loss, val_fractions
 from trainer.loss import batch_positions
@@ -106,6 +107,12 @@ def train_step(run: Run, data_iter) -> None:
         batch = next(data_iter)
         run.watch.add("data", time.perf_counter() - t0)
         positions = batch_positions(state.nimg, micro, info.rank, info.world_size, plan.batch_per_gpu)
+        if run.audit.enabled:
+            try:
+                run.audit.add(state.nimg, positions, batch.get("samples"))
+            except OSError as e:  # noted; every rank stops at the next agreement (no collective skipped)
+                run.stop.note_fault(e)
+                run.audit.enabled = False
         losses, t = micro_step(run.train_model, run.loss, batch, positions,
                                dropout_seed=dropout_seed(cfg.run.seed, info.rank, state.nimg, micro),
                                scale=1.0 / plan.accum_steps,
@@ -120,13 +127,27 @@ def agree(run: Run):
     err = run.ckpt.failure()  # a background checkpoint write that failed (rank 0)
     if err is not None:
         run.stop.note_fault(err)
-    agreement = run.stop.agreed()
+    agreement = run.stop.agreed(run.ckpt.committed_nimg)
     if agreement.fault_rank is not None:
         raise StorageFault(run.stop.fault_message(agreement))
+    try:
+        run.audit.commit(agreement.committed_nimg)  # audit lines of steps a complete checkpoint covers
+    except OSError as e:
+        run.stop.note_fault(e)
     return agreement
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def adopt_earlier_behaviour(cfg: Config) -> list[str]:
+    """A run directory from before a fingerprinted key existed continues as it began (its config.yaml)."""
+    saved = cfg.run_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return []
+    return adopt_added_keys(cfg, data) if isinstance(data, dict) else []
 
 
 def train(cfg: Config, info: du.DistInfo) -> Outcome:
@@ -136,8 +157,8 @@ def train(cfg: Config, info: du.DistInfo) -> Outcome:
     # --- claim the run directory before touching it: the same config on every rank, a writable
     # directory, one live job per run directory (rank 0 holds run.lock), a directory every node
     # sees; then this rank's "last step reached" record with its heartbeat (ranks/rank<k>.json)
-    from trainer.config import flatten, to_dict
-
+    for note in adopt_earlier_behaviour(cfg):
+        log.info("config: %s", note)
     lock, record = claim_run_dir(cfg.run_dir, flatten(to_dict(cfg)), info.rank, cfg.dist.timeout_s)
     run: Run | None = None
     outcome = Outcome(1)
@@ -157,15 +178,23 @@ def train(cfg: Config, info: du.DistInfo) -> Outcome:
             log.error("%s", why)
         raise
     finally:
-        record.close({EXIT_OK: "finished", EXIT_REQUEUE: "stopped"}.get(outcome.code, "failed"))
+        closers = [lambda: record.close({EXIT_OK: "finished", EXIT_REQUEUE: "stopped"}.get(outcome.code, "failed"))]
         if run is not None:
-            run.ckpt.wait(raise_error=False)
-            run.stop.uninstall()
-            if run.monitor is not None:
-                run.monitor.close()
-            run.loader.close()
+            closers += [lambda: run.ckpt.wait(raise_error=False), run.stop.uninstall, run.loader.close]
+            closers += [c.close for c in (run.monitor, run.audit) if c is not None]
         if lock is not None:
-            lock.release()  # after the last checkpoint write
+            closers.append(lock.release)  # after the last checkpoint write
+        close_all(closers)
+
+
+def close_all(closers: list) -> None:
+    """Call every closer, in order; one that fails is logged and does not skip the rest (a vanished
+    disk must not leave the loader's worker processes or the lock's heartbeat holding the exit)."""
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - the run's own outcome is already decided
+            log.warning("while shutting down: %s: %s", type(e).__name__, e)
 
 
 def loop(run: Run) -> Outcome:
@@ -188,6 +217,15 @@ def loop(run: Run) -> Outcome:
         # --- pictures and metrics from the EMA weights (every rank takes part)
         t_pause = time.perf_counter()
         best = ema_pictures_and_metrics(run)
+
+        # --- EMA snapshots for ddpm-ema: the power profiles in fp16, every ema.snapshot_every_images
+        # and at the end (rank 0, in the background; a failed write is noted, and no checkpoint
+        # follows it: save_checkpoint waits for the snapshot writes first)
+        if run.snapshots is not None:
+            if progress.due(run.snapshots.every, state.nimg) or (done and state.nimg > progress.start_nimg):
+                run.snapshots.save(run.ema, state.nimg, B, run.registry.meta["config"])
+            if (err := run.snapshots.failure()) is not None:
+                run.stop.note_fault(err)
 
         # --- faults and stop requests, agreed by all ranks; a storage fault stops here, before a
         # checkpoint the full disk could not take (the newest complete one stays in use)
@@ -215,8 +253,8 @@ def loop(run: Run) -> Outcome:
         # --- step: accumulate micro-batches, clip, AdamW
         train_step(run, data_iter)
 
-        # --- EMA: one fused lerp per decay over all tensors
-        run.ema.update(run.model)
+        # --- EMA: one fused lerp per profile over all tensors (power profiles: time = images after this step)
+        run.ema.update(run.model, state.nimg + B)
         state.nimg += B
     # The final checkpoint is complete before any rank exits: under torchrun the first rank to exit
     # makes the agent SIGTERM the others, which must not cut rank 0's write. The agreement after it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,7 +97,9 @@ class Monitor:
     """TensorBoard writer and console printer; a no-op on ranks other than 0.
 
     ``on_fault`` receives a storage fault of the event files (then TensorBoard writing stops);
-    without it such a fault raises.
+    without it such a fault raises. TensorBoard writes in a background thread that dies on the
+    error (printing a traceback) and re-raises it at the next add or flush: the thread's error goes
+    to ``on_fault`` at once instead, and the next write finds it too.
     """
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None,
@@ -105,6 +108,10 @@ class Monitor:
         self.writer = None
         self.on_fault = on_fault
         self.dir = run_dir / "tb"
+        self._previous_hook = None
+        if enabled and tensorboard and on_fault is not None:
+            self._previous_hook = threading.excepthook
+            threading.excepthook = self._writer_thread_failed
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -113,12 +120,23 @@ class Monitor:
             self._guard(lambda: setattr(self, "writer", SummaryWriter(log_dir=str(self.dir),
                                                                       purge_step=purge_step)))
 
+    def _writer_thread_failed(self, args: threading.ExceptHookArgs) -> None:
+        """threading.excepthook while TensorBoard writes: its writer thread's OSError is a fault, quietly."""
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard"):
+            self.on_fault(storage_error(args.exc_value, self.dir, what="TensorBoard events"))
+        elif self._previous_hook is not None:
+            self._previous_hook(args)
+
     def _guard(self, write: Callable[[], Any]) -> None:
-        """Run one TensorBoard write; a storage fault goes to on_fault and ends TensorBoard writing."""
+        """Run one TensorBoard write; a storage fault goes to on_fault and ends TensorBoard writing.
+
+        Any OSError counts: the event writer does nothing but file I/O, and a folder that vanished
+        with its filesystem gives ENOENT.
+        """
         try:
             write()
         except Exception as e:
-            fault = e if is_fault(e) else find_fault(e)
+            fault = e if isinstance(e, OSError) else find_fault(e)
             if fault is None or self.on_fault is None:
                 raise
             self.writer = None
@@ -192,6 +210,8 @@ class Monitor:
         if self.writer is not None:
             self._guard(self.writer.close)
             self.writer = None
+        if self._previous_hook is not None:
+            threading.excepthook, self._previous_hook = self._previous_hook, None
 
 
 class Stopwatch:

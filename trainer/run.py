@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_pipeline.storage import StorageError, atomic_write
+from data_pipeline.storage import StorageError, atomic_write, fmt_bytes, free_bytes
 from models.diffusion import GaussianDiffusion
 from trainer import distributed as du
 from trainer import startup
+from trainer.audit import Audit, clean_for_resume
 from trainer.build import (
     build_data,
     build_model,
@@ -39,6 +40,13 @@ from trainer.config import (
     to_yaml,
 )
 from trainer.ema import EMA
+from trainer.ema_snapshots import (
+    SnapshotWriter,
+    prune_after,
+    snapshot_bytes,
+    snapshot_dir,
+    snapshot_interval,
+)
 from trainer.evaluation.evaluator import Evaluator, build_evaluator
 from trainer.evaluation.validation import load_validation_images
 from trainer.loss import DiffusionLoss, seed_for
@@ -131,6 +139,8 @@ class Run:
     evaluator: Evaluator | None = None
     validation: tuple | None = None
     stats: StepStats | None = None
+    audit: Audit | None = None
+    snapshots: SnapshotWriter | None = None  # rank 0's writer of the power profiles' snapshots
     watch: Stopwatch = field(default_factory=Stopwatch)
 
     @property
@@ -145,7 +155,8 @@ class Run:
 
 
 def checkpoint_bytes(model: nn.Module, num_ema: int) -> int:
-    """The size of one checkpoint: weights, EMA shadows (fp32) and AdamW's two moments (fp32)."""
+    """The size of one checkpoint: weights, EMA shadows (fp32; ``num_ema`` = fixed decays + power
+    profiles) and AdamW's two moments (fp32)."""
     n = sum(p.numel() for p in model.parameters())
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return weights + 4 * n * (num_ema + 2) + (1 << 20)
@@ -158,7 +169,7 @@ def build_run(cfg: Config, plan: BatchPlan, info: du.DistInfo, lock: RunLock | N
                              cfg.checkpoint.milestone_every_images, cfg.checkpoint.async_write)
     if du.is_main():
         ckpt.remove_partial()  # files of a writer killed mid-write
-    stop = StopRequest()
+    stop = StopRequest(watch=record.watch)  # every step also checks that the run directory is still there
     record.on_fault = stop.note_fault
     if lock is not None:
         lock.on_fault = stop.note_fault
@@ -166,7 +177,7 @@ def build_run(cfg: Config, plan: BatchPlan, info: du.DistInfo, lock: RunLock | N
     loader = build_data(cfg, plan, info, run_dir)
     torch.manual_seed(seed_for(cfg.run.seed, "init"))  # same initial weights on every rank and every run
     model = build_model(cfg, info.device)
-    ema = EMA(model, cfg.ema.decays, cfg.ema.warmup)
+    ema = EMA(model, cfg.ema.decays, cfg.ema.warmup, cfg.ema.sigma_rels)
     optimizer, fused = build_optimizer(model, cfg, info.device)
     diffusion = GaussianDiffusion(cfg.diffusion).to(info.device)
     state = TrainState()
@@ -180,6 +191,8 @@ def build_run(cfg: Config, plan: BatchPlan, info: du.DistInfo, lock: RunLock | N
     run = Run(cfg, plan, info, lock, record, loader, model, ema, optimizer, fused, diffusion, ckpt, registry,
               state, stop)
     resume(run)
+    if du.is_main():
+        run.snapshots = build_snapshots(run)
     du.run_on_main(lambda: startup.preflight_space(ckpt.dir, checkpoint_bytes(model, len(ema.shadows)),
                                                    cfg.checkpoint.keep_last, len(ckpt.complete_checkpoints())),
                    ConfigError)
@@ -189,6 +202,28 @@ def build_run(cfg: Config, plan: BatchPlan, info: du.DistInfo, lock: RunLock | N
         except StorageError as e:
             raise ConfigError(str(e)) from None
     return run
+
+
+def build_snapshots(run: Run) -> SnapshotWriter | None:
+    """Rank 0's EMA snapshot writer (None without power profiles), after removing the snapshots taken
+    after the checkpoint this start resumed from (the steps it redoes write them again)."""
+    cfg, ema = run.cfg, run.ema
+    directory = snapshot_dir(cfg.run_dir)
+    prune_after(directory, run.state.nimg)
+    if not ema.sigma_rels:
+        return None
+    every = snapshot_interval(cfg.ema.snapshot_every_images, cfg.train.total_images, run.plan.global_batch)
+    size = snapshot_bytes(sum(t.numel() for t in ema.power_shadows[0]), len(ema.sigma_rels), len(ema.names))
+    total = cfg.train.total_images
+    count = len(range(every, total + 1, every)) + (total % every > 0)
+    log.info("EMA snapshots of sigma_rel %s every %d images into %s: %s each, %s for the run (%d)",
+             ema.sigma_rels, every, directory, fmt_bytes(size), fmt_bytes(size * count), count)
+    to_come = size * (len(range(run.state.nimg // every * every + every, total + 1, every)) + (total % every > 0))
+    free = free_bytes(directory)
+    if free is not None and free < to_come:
+        log.warning("the EMA snapshots still to come need %s but %s is free under %s: free space, or raise "
+                    "ema.snapshot_every_images", fmt_bytes(to_come), fmt_bytes(free), directory)
+    return SnapshotWriter(directory, every, background=cfg.checkpoint.async_write)
 
 
 def resume(run: Run) -> None:
@@ -202,14 +237,17 @@ def resume(run: Run) -> None:
 
     saved = found[0] if found else load_checkpoint(path, required=run.registry.required)
     cfg_dict = to_dict(cfg)
-    if saved["fingerprint"] != fingerprint(cfg_dict):
-        diff = fingerprint_diff(saved["config"], cfg_dict)
+    diff = fingerprint_diff(saved["config"], cfg_dict)
+    if diff:
         raise ConfigError(
             f"{cfg.run_dir} holds a run whose model or math differ from this config:\n  "
-            + "\n  ".join(diff or ["(fingerprint differs)"])
+            + "\n  ".join(diff)
             + "\nUse a new run.dir, or restore these values."
         )
     run.registry.load_state_dict(saved)
+    position = getattr(run.loader, "position", None)
+    if position is not None and position != run.state.nimg:
+        raise RuntimeError(f"{path}: the loader's position {position} is not the images seen {run.state.nimg}")
     log.info("resumed from %s at step %d (%d images)", path, run.step, run.state.nimg)
 
 
@@ -235,10 +273,24 @@ def finish_building(run: Run) -> None:
         run.monitor.text("eval/protocol", "```\n" + json.dumps(run.evaluator.protocol(), indent=2) + "\n```", start)
     run.validation = load_validation_images(cfg, info.rank, info.world_size)
     run.stats = StepStats(info.device, run.diffusion.num_timesteps)
+    if du.is_main():
+        clean_for_resume(cfg.run_dir / "audit", run.state.nimg)  # segments of steps this start redoes
+    du.barrier()
+    run.audit = Audit(cfg.run_dir, info.rank, cfg.data.audit, run.state.nimg)
 
 
 def save_checkpoint(run: Run, best: str | None = None) -> None:
-    """Every rank sends its loader cursor; rank 0 writes the checkpoint (in the background)."""
+    """Every rank sends its loader cursor; rank 0 writes the checkpoint (in the background); the
+    audit segment up to here waits for that write to complete."""
     state = run.registry.state_dict()  # a collective: the loader cursors of every rank
-    if du.is_main():
+    # The EMA snapshots up to here are complete before the checkpoint that a resume would start after
+    # them; none is past a snapshot that failed (the run stops at the next agreement instead).
+    snapshot_error = run.snapshots.flush() if run.snapshots is not None else None
+    if snapshot_error is not None:
+        run.stop.note_fault(snapshot_error)
+    elif du.is_main():
         run.ckpt.save(state, run.state.nimg, best=best)
+    try:
+        run.audit.cut(run.state.nimg)
+    except OSError as e:
+        run.stop.note_fault(e)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.storage import atomic_write, is_fault, tmp_path
+from data_pipeline.storage import DirWatch, atomic_write, is_fault, tmp_path
 
 log = logging.getLogger("ddpm")
 
@@ -232,6 +232,7 @@ class RunLock:
         self.heartbeat_s = heartbeat_s
         self.lost: str | None = None  # set when another job took the lock over (we stalled too long)
         self.on_fault: Callable[[BaseException], None] | None = None  # a storage fault of the heartbeat
+        self.watch = DirWatch(path.parent)  # a vanished run directory is a fault, not a lost lock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -294,6 +295,10 @@ class RunLock:
     def beat(self) -> None:
         """Refresh the heartbeat (the thread does this every ``heartbeat_s``)."""
         if self.lost:
+            return
+        if (vanished := self.watch.fault()) is not None:
+            if self.on_fault is not None:
+                self.on_fault(vanished)
             return
         try:
             current = _read_holder(self.path)
@@ -369,6 +374,7 @@ class StepRecord:
         """``run``: an id every rank of this attempt shares (e.g. drawn by rank 0 and broadcast)."""
         self.path = Path(run_dir) / RANKS_DIR / f"rank{rank:05d}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.watch = DirWatch(run_dir)  # never write into what is left after its filesystem went away
         now = time.time()
         self.status = RankStatus(rank=rank, host=socket.gethostname(), pid=os.getpid(), run=run,
                                  started=now, slurm=slurm_attempt(environ), heartbeat=now,
@@ -417,6 +423,10 @@ class StepRecord:
     def _flush(self) -> None:
         with self._lock:
             self.status.heartbeat = time.time()
+            if (vanished := self.watch.fault()) is not None:
+                if self.on_fault is not None:
+                    self.on_fault(vanished)
+                return
             try:
                 _write_atomic(self.path, json.dumps(asdict(self.status)))
             except OSError as e:

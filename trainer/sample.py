@@ -4,7 +4,9 @@
 
 Writes ``<k>.png`` per image, ``grid.png`` and ``samples.npz`` (ADM layout) into the output
 folder, through a ``SampleSet`` (trainer.sample_set): an interrupted run keeps its finished
-chunks, more samples extend a set, and other settings on the same folder are refused.
+chunks, more samples extend a set, and other settings on the same folder are refused. A set
+never shrinks: asking for fewer images than the folder holds samples nothing, and ``grid.png``
+and ``samples.npz`` keep every image of the set (the images asked for are its first N).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.storage import find_fault, storage_error
 from trainer import distributed as du
 from trainer.checkpoint import open_for_inference
-from trainer.errors import EXIT_CONFIG, EXIT_OK, classify
-from trainer.sample_set import ProtocolMismatchError, SampleSet
+from trainer.errors import EXIT_CONFIG, EXIT_OK, StorageFault, classify
+from trainer.sample_set import ProtocolMismatchError, SampleSet, adm_npz_images
 from trainer.sampling import class_labels, make_grid, sample_uint8, save_png
 from trainer.startup import init_distributed
 
@@ -117,15 +120,40 @@ def run(args: argparse.Namespace, info: du.DistInfo) -> Path:
         return imgs.permute(0, 2, 3, 1).numpy(), labels.numpy() if labels is not None else None
 
     samples.fill(args.num_samples, args.batch_per_gpu, make_chunk, progress=True)
-    if du.is_main():
+    du.run_on_main(lambda: finish_set(samples, args.num_samples, num_classes > 0), (StorageFault,))
+    return out
+
+
+def finish_set(samples: SampleSet, asked: int, conditional: bool) -> None:
+    """Rank 0: ``grid.png`` (first 64 images) and ``samples.npz`` of the whole set, never fewer images.
+
+    The set holds at least ``asked`` images; one that holds more keeps them all in both files, and
+    files already covering the whole set are left as they are.
+    """
+    out, npz = samples.root, samples.root / "samples.npz"
+    total = max(asked, samples.held())
+    kept = adm_npz_images(npz) or 0  # an archive of a larger set is never replaced by a smaller one
+    if max(total, kept) > asked:
+        log.info("%s holds %d samples; the %d asked for are its first %d (%06d.png to %06d.png, samples.npz "
+                 "arr_0[:%d]); grid.png and samples.npz keep all %d", out, max(total, kept), asked, asked, 0,
+                 asked - 1, asked, max(total, kept))
+    write_npz = kept < total
+    if not write_npz and (out / "grid.png").is_file():
+        log.info("grid.png and samples.npz in %s already hold the whole set (%d images)", out, kept)
+        return
+    try:
         first: list[Any] = []
-        for _, images, _ in samples.iter_images(min(args.num_samples, 64)):
+        for _, images, _ in samples.iter_images(min(total, 64)):
             first.append(torch.from_numpy(images).permute(0, 3, 1, 2))
         save_png(make_grid(torch.cat(first)), out / "grid.png")
-        samples.write_adm_npz(out / "samples.npz", args.num_samples, conditional=num_classes > 0)
-        log.info("wrote %d images, grid.png and samples.npz to %s", args.num_samples, out)
-    du.barrier()
-    return out
+        if write_npz:
+            samples.write_adm_npz(npz, total, conditional=conditional)
+    except OSError as e:  # a StorageError (full disk...): every rank ends with this one line
+        fault = find_fault(e)
+        if fault is None:
+            raise
+        raise StorageFault(f"storage error: {storage_error(fault, npz)}") from e
+    log.info("wrote %d images, grid.png%s to %s", total, " and samples.npz" if write_npz else "", out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if line is None:
             raise
         if du.is_main():
-            print(f"ddpm-sample: {line.removeprefix('config error: ')}", file=sys.stderr)
+            print(f"ddpm-sample: {line.replace('config error: ', 'error: ', 1)}", file=sys.stderr)
         return code
     finally:
         du.destroy()

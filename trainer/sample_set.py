@@ -6,9 +6,15 @@ samples through a ``SampleSet``, so both resume the same way and both refuse to 
     <dir>/protocol.json                       what makes image k what it is (checkpoint, sampler, seed, ...)
     <dir>/samples/chunk_<start>_<end>.npz     images[start:end] uint8 (n, H, W, C), their indices and labels
 
-A chunk file with its final name is complete (tmp + fsync + rename); a truncated one is
-ignored and made again. Image k depends only on the protocol and k, so a set may grow
-(a later run with more samples keeps the finished chunks) but never change protocol.
+A chunk file with its final name is complete (written through data_pipeline.storage: hidden
+temporary name, fsync, rename); a truncated one is ignored and made again. Image k depends only
+on the protocol and k, so a set may grow (a later run with more samples keeps the finished
+chunks) but never change protocol, and never shrinks: a smaller request reads the first N images
+of what is there (``held``) and the commands never rewrite a file of the set with fewer images.
+
+A storage fault (full disk, read-only or vanished filesystem) on any rank while filling stops
+every rank at the same chunk round with one line (exit code 74 through trainer.errors.classify);
+finished chunks stay, temporary files are removed, and the same command continues the set.
 """
 
 from __future__ import annotations
@@ -25,7 +31,19 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.config import SetupError
+from data_pipeline.storage import (
+    StorageError,
+    atomic_open,
+    atomic_write,
+    check_writable,
+    find_fault,
+    is_fault,
+    remove_partial,
+    storage_error,
+)
 from trainer import distributed as du
+from trainer.errors import StorageFault
 
 log = logging.getLogger("ddpm")
 
@@ -34,8 +52,12 @@ _chunk_re = re.compile(r"^chunk_(\d{8})_(\d{8})\.npz$")
 Chunk = tuple[int, int, Path]  # [start, end) and the file
 
 
-class ProtocolMismatchError(ValueError):
+class ProtocolMismatchError(SetupError):
     """The folder holds samples made with other settings."""
+
+
+class SampleFolderError(SetupError):
+    """The sample folder cannot be written at start-up (full, read-only, no permission): exit code 2."""
 
 
 class SampleSet:
@@ -49,9 +71,18 @@ class SampleSet:
     def claim(self, hint: str = "use another --out") -> None:
         """Create the folder, or check that it holds this protocol; call on one rank only.
 
-        Raises ProtocolMismatchError with one line naming what differs and ``hint``.
+        Raises ProtocolMismatchError with one line naming what differs and ``hint``, and
+        SampleFolderError when the folder cannot be written. Removes temporary files a killed
+        writer left behind.
         """
-        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            check_writable(self.chunk_dir, what="sample folder")
+        except StorageError as e:
+            raise SampleFolderError(str(e)) from None
+        # Temporary files of a killed writer (and the chunk_*.npz.tmp<pid> names of earlier versions).
+        for d, legacy in ((self.root, ""), (self.chunk_dir, "chunk_*.npz.tmp*")):
+            for p in remove_partial(d, legacy=legacy):
+                log.info("removed the partial file %s of an interrupted run", p)
         pfile = self.root / "protocol.json"
         if pfile.is_file():
             old = json.loads(pfile.read_text())
@@ -60,27 +91,24 @@ class SampleSet:
                 what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
                 raise ProtocolMismatchError(f"{self.root} holds samples made with other settings ({what}); {hint}")
         else:
-            pfile.write_text(json.dumps(self.protocol, indent=2) + "\n")
+            try:
+                atomic_write(pfile, json.dumps(self.protocol, indent=2) + "\n", what="sample protocol")
+            except StorageError as e:
+                raise SampleFolderError(str(e)) from None
 
     def claim_everywhere(self, hint: str = "use another --out") -> None:
-        """``claim`` on rank 0; every rank raises the same ProtocolMismatchError (none waits at a barrier)."""
-        problem = None
-        if du.is_main():
-            try:
-                self.claim(hint)
-            except ProtocolMismatchError as e:
-                problem = str(e)
-        problem = du.broadcast_object(problem)
-        if problem:
-            raise ProtocolMismatchError(problem)
+        """``claim`` on rank 0; every rank raises the same one-line error (none waits at a barrier)."""
+        du.run_on_main(lambda: self.claim(hint), (ProtocolMismatchError, SampleFolderError))
 
     def fill(self, n: int, chunk_size: int,
              make_chunk: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]], progress: bool = False) -> float:
         """Make the missing images of 0..n-1 on all ranks; returns the seconds this rank spent.
 
         Rank 0 decides what is missing; chunks go round-robin over ranks. ``make_chunk(start, end)``
-        returns uint8 (end - start, H, W, C) images and their labels (or None). Ends at a barrier.
-        ``progress`` shows a bar of rank 0's own share.
+        returns uint8 (end - start, H, W, C) images and their labels (or None). After every round
+        of chunks the ranks agree (one small gather) whether one of them failed, so a full disk on
+        one rank stops all of them at once: that rank raises its StorageError, the others
+        StorageFault with the same line. ``progress`` shows a bar of rank 0's own share.
         """
         rank, world = du.get_rank(), du.get_world_size()
         todo = None
@@ -97,18 +125,47 @@ class SampleSet:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(e - s for s, e in mine), desc="sampling", unit="img", dynamic_ncols=True)
-        for i, (s, e) in enumerate(mine):
-            images, labels = make_chunk(s, e)
-            self.save_chunk(s, images, labels)
+        try:
+            for i in range(-(-len(todo) // world)):  # rounds: every rank takes part in each agreement
+                failure: Exception | None = None
+                if i < len(mine):
+                    s, e = mine[i]
+                    try:
+                        images, labels = make_chunk(s, e)
+                        self.save_chunk(s, images, labels)
+                    except Exception as exc:  # noqa: BLE001 - agreed on below, then re-raised
+                        failure = exc
+                    else:
+                        if bar is not None:
+                            bar.update(e - s)
+                        elif du.is_main() and i % 10 == 0:
+                            log.info("chunk %d/%d done (%.1f s)", i * world + 1, len(todo), time.time() - t0)
+                self._agree(failure)
+        finally:
             if bar is not None:
-                bar.update(e - s)
-            elif du.is_main() and i % 10 == 0:
-                log.info("chunk %d/%d done (%.1f s)", i * world + 1, len(todo), time.time() - t0)
-        if bar is not None:
-            bar.close()
+                bar.close()
         seconds = time.time() - t0
         du.barrier()
         return seconds
+
+    def _agree(self, failure: Exception | None) -> None:
+        """Raise on every rank when any rank failed this round (one all-gather of a short line)."""
+        line = None
+        if failure is not None:
+            fault = failure if is_fault(failure) else find_fault(failure)
+            if fault is not None:
+                err = storage_error(fault, getattr(fault, "filename", None) or self.chunk_dir)
+                failure, line = err, f"storage error: {err}"
+            else:
+                line = f"rank {du.get_rank()} failed: {type(failure).__name__}: {failure}"
+        lines = du.gather_objects(line)
+        if failure is not None:
+            raise failure
+        first = next((x for x in lines if x), None)
+        if first is not None:
+            if first.startswith("storage error: "):
+                raise StorageFault(first)
+            raise RuntimeError(first)
 
     @staticmethod
     def chunk_name(start: int, end: int) -> str:
@@ -134,6 +191,15 @@ class SampleSet:
             found.append((int(m.group(1)), int(m.group(2)), p))
         return [c for c in found if limit is None or c[0] < limit]
 
+    def held(self) -> int:
+        """How many images the set holds: k such that complete chunks cover 0..k-1 without a gap."""
+        k = 0
+        for s, e, _ in sorted(self.complete_chunks()):
+            if s > k:
+                break
+            k = max(k, e)
+        return k
+
     def missing(self, n: int, chunk_size: int) -> list[tuple[int, int]]:
         """[start, end) pieces (at most chunk_size long) of 0..n-1 not yet covered by complete chunks."""
         covered = np.zeros(n, dtype=bool)
@@ -152,18 +218,12 @@ class SampleSet:
         return runs
 
     def save_chunk(self, start: int, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
-        """Write images[start:start+n] (uint8 (n, H, W, C)) via tmp + fsync + rename."""
+        """Write images[start:start+n] (uint8 (n, H, W, C)) atomically; a storage fault is a StorageError."""
         path = self.chunk_dir / self.chunk_name(start, start + len(images))
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         arrays = {"images": images, "indices": np.arange(start, start + len(images), dtype=np.int64)}
         if labels is not None:
             arrays["labels"] = labels
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda f: np.savez(f, **arrays), needed=images.nbytes, what="sample chunk")
 
     def iter_images(self, n: int, chunks: list[Chunk] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """(start, uint8 (m, H, W, C) images, labels or None) of images 0..n-1, chunk by chunk, in order."""
@@ -183,8 +243,9 @@ class SampleSet:
         with np.load(pieces[0][2]) as z:
             first = z["images"]
         shape, dtype = (n, *first.shape[1:]), first.dtype
-        tmp = path.with_name(path.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        needed = int(np.prod(shape)) * dtype.itemsize
+        with atomic_open(path, needed=needed, what="sample archive") as out, \
+                zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             names = [("arr_0.npy", "images", shape, dtype)]
             if conditional:
                 names.append(("arr_1.npy", "labels", (n,), np.dtype(np.int64)))
@@ -196,5 +257,16 @@ class SampleSet:
                     for s, e, p in pieces:
                         with np.load(p) as z:
                             f.write(np.ascontiguousarray(z[key][: min(e, n) - s].astype(dt)).tobytes())
-        os.replace(tmp, path)
         return path
+
+
+def adm_npz_images(path: str | os.PathLike) -> int | None:
+    """The number of images in an ADM-style .npz (its ``arr_0`` header only), or None if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)  # the header only, not the images
+            return int(shape[0])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None

@@ -154,15 +154,17 @@ def claim_run_dir(run_dir: str | Path, flat_config: dict[str, Any], rank: int,
 
     Every rank runs the same config; rank 0 takes the run-directory lock (a second live job is
     refused); every node sees the run directory; then this rank's step record starts, its
-    heartbeat a sixth of the collective timeout (at most 10 s) so a silent rank stands out
-    long before the others time out. Returns (the lock on rank 0, else None; the record).
+    heartbeat (and the lock's) a sixth of the collective timeout (at most 10 s) so a silent rank
+    stands out long before the others time out, and a full disk under either is seen within it.
+    Returns (the lock on rank 0, else None; the record).
     """
     check_same_config(flat_config)
-    lock = du.run_on_main(lambda: _take_run_dir(run_dir), ConfigError)
+    beat_s = max(1.0, min(10.0, collective_timeout_s / 6))
+    lock = du.run_on_main(lambda: _take_run_dir(run_dir, beat_s), ConfigError)
     check_shared_dir(run_dir)
     attempt = du.broadcast_object(secrets.token_hex(6) if du.is_main() else None)  # names this attempt's records
     try:
-        record = StepRecord(run_dir, rank, run=attempt, interval_s=max(1.0, min(10.0, collective_timeout_s / 6)))
+        record = StepRecord(run_dir, rank, run=attempt, interval_s=beat_s)
     except StorageError as e:
         raise ConfigError(str(e)) from None
     return lock, record
@@ -171,11 +173,11 @@ def claim_run_dir(run_dir: str | Path, flat_config: dict[str, Any], rank: int,
 RUN_DIR_FIX = "make it writable, or set run.dir to a writable directory, then run the same command again"
 
 
-def _take_run_dir(run_dir: str | Path) -> RunLock:
+def _take_run_dir(run_dir: str | Path, heartbeat_s: float = 10.0) -> RunLock:
     """Rank 0: the run directory is writable, then its lock; both failures are one-line ConfigErrors."""
     try:
         check_writable(run_dir, what="run directory", fix=RUN_DIR_FIX)
-        return RunLock.acquire(run_dir)
+        return RunLock.acquire(run_dir, heartbeat_s=heartbeat_s)
     except (StorageError, RunDirLocked) as e:
         raise ConfigError(str(e)) from None  # a second job or a read-only disk: exit 2, never requeued
 

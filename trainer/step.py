@@ -130,7 +130,7 @@ class StepStats:
             "train/loss": v[0] / v[1] if v[1] else float("nan"),
             "train/grad_norm": v[10] / v[11] if v[11] else float("nan"),
             "train/skipped_steps_interval": v[12] / world,  # identical on every rank (grads are all-reduced)
-            "data/bad_samples": v[13],
+            "train/bad_samples": v[13],
         }
         for i in range(4):
             out[f"loss_by_t/q{i}"] = v[2 + i] / v[6 + i] if v[6 + i] else float("nan")

@@ -8,17 +8,20 @@ import logging
 import signal
 from typing import Any
 
+from data_pipeline.storage import DirWatch, StorageError
 from trainer import distributed as du
 
 log = logging.getLogger("ddpm")
 
 
 class Agreement:
-    """What every rank agreed on at one step: a signal to stop at, or a rank's storage fault."""
+    """What every rank agreed on at one step: a signal to stop at, or a rank's storage fault; and
+    the newest checkpoint known complete (rank 0 writes it in the background)."""
 
-    def __init__(self, signum: int, fault_rank: int | None) -> None:
+    def __init__(self, signum: int, fault_rank: int | None, committed_nimg: int = 0) -> None:
         self.signum = signum
         self.fault_rank = fault_rank
+        self.committed_nimg = committed_nimg
 
     @property
     def signal(self) -> str | None:
@@ -40,9 +43,10 @@ class StopRequest:
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
-    def __init__(self) -> None:
+    def __init__(self, watch: DirWatch | None = None) -> None:
         self.received: int | None = None
         self.fault: BaseException | None = None
+        self.watch = watch  # the run directory: its filesystem going away is a fault too
         self._previous: dict[int, Any] = {}
 
     def install(self) -> StopRequest:
@@ -73,13 +77,23 @@ class StopRequest:
             self.fault = e
             log.info("storage fault noted, stopping at the next step: %s", e)
 
-    def agreed(self) -> Agreement:
+    def check_run_dir(self) -> None:
+        """Note a run directory whose filesystem went away (one stat). It is the cause of whatever
+        else failed with it (a write that found no folder), so its line replaces theirs."""
+        vanished = self.watch.fault() if self.watch is not None else None
+        if vanished is not None and not (isinstance(self.fault, StorageError) and self.fault.kind == "vanished"):
+            self.fault = None
+            self.note_fault(vanished)
+
+    def agreed(self, committed_nimg: int = 0) -> Agreement:
         """On every rank the same answer: the received signal (MAX picks SIGTERM (15) over SIGUSR2
         (12), SIGUSR1 (10) and SIGINT (2): a cancel or preemption wins over a time-limit warning),
-        and the highest rank that noted a storage fault. One collective."""
-        mine = [int(self.received or 0), du.get_rank() + 1 if self.fault is not None else 0]
-        signum, fault = du.all_reduce_max_ints(mine)
-        return Agreement(signum, fault - 1 if fault else None)
+        the highest rank that noted a storage fault, and the newest complete checkpoint (``images``
+        of it: rank 0 knows it). One collective."""
+        self.check_run_dir()
+        mine = [int(self.received or 0), du.get_rank() + 1 if self.fault is not None else 0, int(committed_nimg)]
+        signum, fault, committed = du.all_reduce_max_ints(mine)
+        return Agreement(signum, fault - 1 if fault else None, committed)
 
     def fault_message(self, agreement: Agreement) -> str:
         """The faulting rank's one line, on every rank (a broadcast from it: only when stopping for a fault)."""

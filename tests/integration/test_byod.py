@@ -82,7 +82,7 @@ def test_resume_after_reprepare_starts_a_fresh_epoch(tmp_path: Path, shards: Pat
     proc = train(run, data, "train.total_images=64")
     assert "resumed from" in proc.stdout and "finished" in proc.stdout
     log = (run / "logs" / "rank0.log").read_text()
-    assert log.count("the shard list changed since the checkpoint (8 -> 12 shards)") == 1
+    assert log.count("the shard list changed since the checkpoint (8 -> 12 shards)") == 1, log
     assert "cannot resume" not in log
     assert (run / "checkpoints" / "ckpt-000000000064.pt").is_file()
 

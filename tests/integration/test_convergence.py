@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.convergence import DigitsJudge, prepare_digits, read_shards, sample
+from benchmarks.convergence import sample
+from benchmarks.digits import DigitsJudge, prepare_digits, read_shards
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "tests" / "configs" / "digits_8.yaml"

@@ -256,6 +256,7 @@ def test_standalone_resumes_and_keeps_written_samples(run_dir, tmp_path) -> None
     (out / "samples" / "chunk_00000004_00000006.npz").write_bytes(b"PK\x03\x04truncated")
     report = run_standalone(parse_args(_cli_args(run_dir, out, 7)))
     after = _chunks(out)
+    assert not (out / "samples" / "chunk_00000004_00000006.npz.tmp123").exists()  # the partial file is removed
     assert {k: after[k] for k in before} == before  # kept, not rewritten
     assert set(after) == set(before) | {"chunk_00000004_00000006.npz", "chunk_00000006_00000007.npz"}
     # The resumed result equals a fresh run of 7.
@@ -358,3 +359,27 @@ def test_evaluator_on_gpu(tmp_path) -> None:
     cpu_ref = reference_from_images(ref, ext, "cpu")
     expected = compute_metrics({"features": ext(imgs)["features"]}, cpu_ref, ("fid",))["fid"]
     assert first["fid"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_validation_takes_each_held_out_image_once(tmp_path, caplog) -> None:
+    """3 held-out images and the default eval.val_images=256: 3 images, not 3 repeated 85 times."""
+    import logging
+
+    from tests.data_helpers import make_shards
+    from trainer.config import load_config
+    from trainer.evaluation.validation import load_validation_images
+
+    manifest = make_shards(tmp_path / "val", num_images=3, size=16, shard_size=2, fmt="png")
+    cfg = load_config(repo / "tests" / "configs" / "tiny.yaml",
+                      [f"eval.val_shards={manifest}", "eval.val_every_images=80"])
+    assert cfg.eval.val_images == 256
+    with caplog.at_level(logging.INFO, logger="ddpm"):
+        images, indices, labels = load_validation_images(cfg, 0, 1)
+    assert images.shape == (3, 3, 16, 16) and indices == [0, 1, 2] and labels is None
+    assert len({bytes(img.numpy()) for img in images}) == 3  # three different images
+    said = [r.getMessage() for r in caplog.records if "held-out" in r.getMessage()]
+    assert len(said) == 1 and "3 held-out image(s)" in said[0] and "eval.val_images=256" in said[0], said
+    # Split over ranks: each image on exactly one rank.
+    shares = [load_validation_images(cfg, r, 2) for r in (0, 1)]
+    assert shares[0][1] + shares[1][1] == [0, 1, 2]
+    assert torch.equal(torch.cat([shares[0][0], shares[1][0]]), images)

@@ -100,4 +100,25 @@ def test_label_outside_the_model_classes(runs, tmp_path, label) -> None:
 
 def test_no_checkpoint(tmp_path) -> None:
     line = one_error_line(sample("--run-dir", str(tmp_path)))
-    assert "no complete checkpoint" in line, line
+    assert "no usable checkpoint" in line, line
+
+
+def test_a_smaller_request_leaves_the_set_whole(runs) -> None:
+    """8, then 4, then 8 again in the default folder: nothing shrinks, nothing is sampled twice."""
+    folder = runs[0] / "samples" / "ckpt-000000000008-ddim-2-seed5"
+
+    def files() -> dict[str, tuple[bytes, int]]:
+        return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    first = sample("--run-dir", str(runs[0]), "--num-samples", "8", "--batch-per-gpu", "4", "--seed", "5")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = files()
+    assert sorted(k for k in before if k.endswith(".png")) == [f"{k:06d}.png" for k in range(8)] + ["grid.png"]
+    assert np.load(folder / "samples.npz")["arr_0"].shape == (8, 16, 16, 3)
+    for n in ("4", "8"):
+        again = sample("--run-dir", str(runs[0]), "--num-samples", n, "--batch-per-gpu", "4", "--seed", "5")
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert files() == before, n  # grid.png, samples.npz, every PNG and chunk: the same bytes, not rewritten
+    assert "holds 8 samples; the 4 asked for are its first 4" in sample(
+        "--run-dir", str(runs[0]), "--num-samples", "4", "--batch-per-gpu", "4", "--seed", "5").stdout

@@ -88,7 +88,7 @@ def test_two_process_run_leaves_checkpoints_tensorboard_and_samples(tmp_path: Pa
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "loss_by_t/q0", "loss_by_t/q3", "train/grad_norm", "train/lr", "perf/images_per_s",
                 "perf/images_per_s_per_gpu", "perf/step_time_s", "perf/data_wait_frac", "perf/memory_gb",
-                "train/skipped_steps", "data/bad_samples"):
+                "train/skipped_steps", "train/bad_samples"):
         assert tag in tags, tag
     assert "samples/ema_grid" in acc.Tags()["images"]
     steps = [s for s, _ in scalars(run, "train/loss")]

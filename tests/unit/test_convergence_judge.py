@@ -1,4 +1,4 @@
-"""The convergence benchmark's real image set and its offline judge (trainer.convergence)."""
+"""The convergence benchmark's real image set and its offline judge (benchmarks.digits)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.convergence import DigitsJudge, digits, frechet_distance, prepare_digits, read_shards
+from benchmarks.digits import DigitsJudge, digits, frechet_distance, prepare_digits, read_shards
 
 
 @pytest.fixture(scope="module")

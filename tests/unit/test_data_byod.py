@@ -43,9 +43,9 @@ def one_epoch(loader, workers: int = 1) -> tuple[list[tuple[torch.Tensor, int]],
     [bad, seen, upscaled] counts summed over workers."""
     out, totals = [], [0, 0, 0]
     for w in range(workers):
-        loader.dataset.cursors[w] = [0, 0, 0]
+        loader.mode.stream.cursors[w] = [0, 0, 0]  # the streaming order's per-worker cursors
         last = [0, 0, 0]
-        for batch in loader.dataset._batches(w):
+        for batch in loader.mode.stream._batches(w):
             bad, seen, up = batch["_meta"]["counters"]
             if batch["_meta"]["cursor"][0] != 0:
                 # The first batch of epoch 1: its sample and the bad ones before it are epoch 1's.
@@ -83,7 +83,8 @@ def test_keys_and_parts_follow_webdataset(tmp_path: Path) -> None:
 
 def test_varied_sizes_are_resized_and_every_sample_comes_once(byod) -> None:
     out, samples = byod
-    cfg = DataConfig(shards=str(out), image_size=SIZE, num_workers=2, hflip=False, shuffle_buffer=4)
+    cfg = DataConfig(shards=str(out), image_size=SIZE, num_workers=2, hflip=False, shuffle_buffer=4,
+                     order="streaming")
     loader = build_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0)
     assert loader.image_size == SIZE and loader.num_samples == len(samples)  # counted from headers
     ref = expected(samples)
@@ -114,6 +115,7 @@ def test_labels_from_cls_or_json(byod, labels_from: str) -> None:
         use_labels=True,
         labels_from=labels_from,
         num_classes=3,
+        order="streaming",
     )
     loader = build_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0)
     assert loader.num_classes == 3
@@ -134,6 +136,7 @@ def test_label_outside_num_classes_is_a_counted_bad_sample(
         use_labels=True,
         num_classes=2,
         max_bad_fraction=1.0,
+        order="streaming",
     )
     loader = build_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0)
     with caplog.at_level(logging.WARNING, logger="ddpm.data"):
@@ -169,7 +172,7 @@ def test_random_crop_resumes_exactly(byod, tmp_path: Path) -> None:
     torch.save(first.state_dict(), tmp_path / "s.pt")
     first.close()
     second = build_loader(cfg, **kw)
-    second.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    second.load_rank_states([torch.load(tmp_path / "s.pt", weights_only=True)], 0, 1)
     got += [b["image"] for b in take(second, 6)]
     second.close()
     assert torch.equal(torch.cat(got), ref)
@@ -203,7 +206,7 @@ def test_shard_without_images_and_corrupt_member(tmp_path: Path, caplog) -> None
             info = tarfile.TarInfo(f"{i:04d}.txt")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    cfg = DataConfig(shards=str(out), image_size=SIZE, num_workers=0, max_bad_fraction=1.0)
+    cfg = DataConfig(shards=str(out), image_size=SIZE, num_workers=0, max_bad_fraction=1.0, order="streaming")
     loader = build_loader(cfg, batch_size=1, rank=0, world_size=1, seed=0)
     with caplog.at_level(logging.WARNING, logger="ddpm.data"):
         got, (bad, _, _) = one_epoch(loader)
@@ -225,16 +228,23 @@ def test_startup_reads_headers_not_members(tmp_path: Path) -> None:
     out = tmp_path / "twenty"
     samples = write_wds_shards(out, 20, 6, min_size=120, max_size=200, seed=3)
     data_bytes = sum(p.stat().st_size for p in out.glob("*.tar"))
-    cfg = DataConfig(shards=str(out), image_size=SIZE, num_workers=0)
+    cfg = DataConfig(shards=str(out), image_size=SIZE, num_workers=0, order="streaming")
     resolve_shards(str(out))  # warm up imports and caches outside the measurement
     before = rchar()
     loader = build_loader(cfg, batch_size=2, rank=0, world_size=2, seed=0)
     startup = rchar() - before
-    assert startup < 4096, f"start-up read {startup} bytes of shards"  # no shard is opened
+    assert startup < 4096, f"start-up read {startup} bytes of shards"  # streaming order: no shard is opened
+    # The global order reads each shard's tar headers once (the byte ranges of its samples), never an image.
+    before = rchar()
+    indexed = build_loader(DataConfig(shards=str(out), image_size=SIZE, num_workers=0), batch_size=2, rank=0,
+                           world_size=2, seed=0)
+    headers = rchar() - before
+    assert indexed.num_samples == len(samples)
+    assert 512 * 3 * len(samples) <= headers <= data_bytes - sum(len(s["jpg"]) for s in samples)
     # Without data.image_size the size comes from the first image: one header and one member.
     before = rchar()
     guess = build_loader(
-        DataConfig(shards=str(out), num_workers=0), batch_size=2, rank=0, world_size=2, seed=0
+        DataConfig(shards=str(out), num_workers=0, order="streaming"), batch_size=2, rank=0, world_size=2, seed=0
     )
     assert guess.image_size >= 120 and rchar() - before < 512 + len(samples[0]["jpg"]) + 4096
     # Counting (for evaluation) reads tar headers (and pax records) only, never an image byte.
@@ -249,7 +259,7 @@ def test_resume_after_reprepare_restarts_the_epoch(tmp_path: Path, caplog) -> No
     make_image_folder(src, 24, size=20)
     out = tmp_path / "data"
     prepare(src, out, image_size=SIZE, shard_size=4, progress=False)
-    cfg = DataConfig(shards=str(out), num_workers=0, shuffle_buffer=2)
+    cfg = DataConfig(shards=str(out), num_workers=0, shuffle_buffer=2, order="streaming")
     kw = dict(batch_size=2, rank=0, world_size=2, seed=0)
     old = build_loader(cfg, **kw)
     take(old, 3)
@@ -259,14 +269,15 @@ def test_resume_after_reprepare_restarts_the_epoch(tmp_path: Path, caplog) -> No
     prepare(src, out, image_size=SIZE, shard_size=3, progress=False, overwrite=True)
     new = build_loader(cfg, **kw)
     with caplog.at_level(logging.WARNING, logger="ddpm.data"):
-        new.load_state_dict(state)
+        new.load_rank_states([state, {**state, "rank": 1}], 0, 2)
     lines = [r.message for r in caplog.records]
     assert len(lines) == 1 and "6 -> 10 shards" in lines[0] and "starts epoch 1" in lines[0]
     assert len(take(new, 5)) == 5 and new.stats()["epoch"] >= 1
-    strict = build_loader(DataConfig(shards=str(out), num_workers=0, on_data_change="error"), **kw)
+    strict = build_loader(DataConfig(shards=str(out), num_workers=0, on_data_change="error", order="streaming"),
+                          **kw)
     with pytest.raises(ValueError, match="set data.on_data_change=restart_epoch"):
-        strict.load_state_dict(state)
+        strict.load_rank_states([state, {**state, "rank": 1}], 0, 2)
     # The world size changed too: the same rule, not a contradiction.
     three = build_loader(cfg, batch_size=2, rank=2, world_size=3, seed=0)
-    three.load_state_dict({"resharded_from": [state, {**state, "rank": 1}]})
-    assert three.dataset.cursors == [[1, 0, 0]]
+    three.load_rank_states([state, {**state, "rank": 1}], 2, 3)
+    assert three.mode.stream.cursors == [[1, 0, 0]]

@@ -5,7 +5,7 @@ none). torch's ``_fused_adam`` (torch/optim/adam.py, the same code in 2.11 and 2
 the fused kernel, which returns before touching params, exp_avg or exp_avg_sq when it is 1, and
 then subtracts it from the step counters it had incremented. If any of that changed in a torch
 release, a skipped step would leak into the weights, the moments or the bias correction, and
-these tests would fail. The CUDA case runs where a GPU is (``python -m trainer.gpu_check``).
+these tests would fail. The CUDA case runs where a GPU is (``python -m benchmarks.gpu_check``).
 """
 
 from __future__ import annotations

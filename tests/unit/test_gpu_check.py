@@ -1,4 +1,4 @@
-"""python -m trainer.gpu_check in its CPU mode: every section runs on the tiny model, one JSON report.
+"""python -m benchmarks.gpu_check in its CPU mode: every section runs on the tiny model, one JSON report.
 
 The GPU mode runs the same section functions on a GPU; this keeps them from rotting where
 no GPU is lent (CI). About a minute of CPU, most of it starting torch in child processes.
@@ -22,7 +22,7 @@ def _run(tmp_path: Path, *args: str, env_extra: dict[str, str] | None = None) ->
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([*(env_extra or {}).get("PYTHONPATH", "").split(os.pathsep), str(REPO)])
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "trainer.gpu_check", "--cpu", "--out", str(out), *args],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--out", str(out), *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())

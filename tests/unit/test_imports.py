@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 repo = Path(__file__).resolve().parents[2]
-packages = ("trainer", "models", "data_pipeline", "launch", "configs")
+packages = ("trainer", "models", "data_pipeline", "launch", "configs", "benchmarks")
 
 
 def module_name(path: Path) -> str:

@@ -225,3 +225,90 @@ def test_missing_folder_contents(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(paper_config()))
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
         load_diffusers_unet(tmp_path)
+
+
+# --------------------------------------------------------------------------- the schedule and ddpm-export
+
+
+@pytest.mark.parametrize("diff, schedule, prediction", [
+    (dict(), "linear", "epsilon"),
+    (dict(timesteps=100, beta_start=2e-4, beta_end=0.03, target="v"), "linear", "v_prediction"),
+    (dict(schedule="cosine", timesteps=50, target="x0"), "squaredcos_cap_v2", "sample"),
+    (dict(schedule="cosine", timesteps=50, cosine_s=0.02), "linear", "epsilon"),  # as trained_betas
+])
+def test_scheduler_config_loads_with_the_run_schedule(tmp_path, diff, schedule, prediction):
+    from models.diffusion import DiffusionConfig, make_betas
+    from models.interop import diffusers_scheduler_config
+
+    cfg = DiffusionConfig(**diff)
+    config = diffusers_scheduler_config(cfg)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    sched = diffusers.DDPMScheduler.from_pretrained(tmp_path)
+    assert sched.config.num_train_timesteps == cfg.timesteps
+    assert sched.config.prediction_type == prediction and sched.config.clip_sample
+    assert sched.config.beta_schedule == schedule and (sched.config.trained_betas is not None) == ("cosine_s" in diff)
+    torch.testing.assert_close(sched.betas.double(), make_betas(cfg), rtol=1e-6, atol=1e-7)
+
+
+def _trained_like_run(run_dir, **overrides):
+    """A run directory with one checkpoint, as the trainer writes it, of a tiny UNet with random weights."""
+    from pathlib import Path
+
+    from trainer.checkpoint import CheckpointManager
+    from trainer.config import fingerprint, load_config, to_dict
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "tests" / "configs" / "tiny.yaml",
+                      [f"run.dir={run_dir}"] + [f"{k}={v}" for k, v in overrides.items()])
+    torch.manual_seed(0)
+    model = UNet(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # zero-initialised output layers would hide a wrong mapping
+    ema = {k: v + 0.01 for k, v in model.state_dict().items()}
+    d = to_dict(cfg)
+    state = {"model": model.state_dict(), "ema": {"decays": [0.999], "shadows": [ema]}, "optimizer": {},
+             "train_state": {"nimg": 8}, "config": d, "fingerprint": fingerprint(d)}
+    CheckpointManager(run_dir / "checkpoints", async_write=False).save(state, 8)
+    return cfg, model, ema
+
+
+@pytest.mark.slow
+def test_ddpm_export_gives_a_pipeline_with_the_run_schedule(tmp_path, capsys):
+    from trainer.export import main as export_main
+
+    cfg, model, ema = _trained_like_run(tmp_path / "run")  # tiny.yaml: T = 100, not diffusers' 1000
+    out = tmp_path / "exported"
+    assert export_main(["--run-dir", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors"]
+    unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
+    scheduler = diffusers.DDPMScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.num_train_timesteps == 100
+    torch.testing.assert_close(scheduler.betas, torch.linspace(1e-4, 0.02, 100), rtol=0, atol=1e-9)
+    # The EMA weights by default: diffusers' UNet computes what ours does with them.
+    ours = UNet(cfg.model).eval()
+    ours.load_state_dict(ema)
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 97])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t).sample, ours(x, t), atol=1e-4, rtol=1e-4)
+    images = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)(
+        batch_size=1, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and 0.0 <= images.min() <= images.max() <= 1.0
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)  # the folder as a whole
+    assert pipe.scheduler.config.num_train_timesteps == 100
+    # --weights model exports the raw weights instead.
+    assert export_main(["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "raw"), "--weights", "model"]) == 0
+    raw = diffusers.UNet2DModel.from_pretrained(tmp_path / "raw" / "unet").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(raw(x, t).sample, model.eval()(x, t), atol=1e-4, rtol=1e-4)
+    # A model diffusers cannot represent, or no checkpoint: one line, exit code 2.
+    _trained_like_run(tmp_path / "avgpool", **{"model.resample_with_conv": "false"})
+    capsys.readouterr()
+    assert export_main(["--run-dir", str(tmp_path / "avgpool"), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be exported to diffusers: model.resample_with_conv" in err[0], err
+    assert export_main(["--run-dir", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddpm-export: error: ") and "does not exist" in err[0], err

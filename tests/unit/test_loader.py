@@ -1,4 +1,5 @@
-"""Webdataset loader: rank/worker split, equal batches, exact resume, resharding, bad data, errors."""
+"""Webdataset loader, streaming order (pipe: sources and older runs): rank/worker split, equal
+batches, exact resume, resharding, bad data, errors. The global order: tests/unit/test_global_order.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pytest
 import torch
 
 from data_pipeline import DataConfig, build_loader
-from data_pipeline.loader import decode_image, worker_shards
+from data_pipeline.config import SetupError
+from data_pipeline.loader import decode_image
+from data_pipeline.streaming import worker_shards
 from data_pipeline.shards import image_part, iter_tar
 from tests.data_helpers import make_shards, take
 
@@ -37,9 +40,10 @@ def reference(out: Path) -> dict[bytes, str]:
 
 
 def cfg_for(out: Path, **kw) -> DataConfig:
-    """A small DataConfig for these tests."""
+    """A small DataConfig for these tests (the streaming order unless asked otherwise)."""
     kw.setdefault("num_workers", 0)
     kw.setdefault("shuffle_buffer", 4)
+    kw.setdefault("order", "streaming")
     return DataConfig(shards=str(out), **kw)
 
 
@@ -58,8 +62,8 @@ def test_split_covers_every_sample_once_per_epoch(shards: Path, world: int, work
             )
             for w in range(workers):
                 # Each logical worker's stream, one sample per batch, until its epoch ends.
-                loader.dataset.cursors[w] = [epoch, 0, 0]
-                for batch in loader.dataset._batches(w):
+                loader.mode.stream.cursors[w] = [epoch, 0, 0]
+                for batch in loader.mode.stream._batches(w):
                     if batch["_meta"]["cursor"][0] != epoch:
                         break
                     seen[ref[batch["image"][0].numpy().tobytes()]] += 1
@@ -97,8 +101,8 @@ def test_exact_resume_with_workers(shards: Path, tmp_path: Path) -> None:
             loader = build_loader(cfg, **kw)
             if state is not None:
                 path = tmp_path / "state.pt"
-                torch.save(state, path)
-                loader.load_state_dict(torch.load(path, weights_only=True))
+                torch.save([state, state], path)  # the checkpoint's list of every rank's state
+                loader.load_rank_states(torch.load(path, weights_only=True), 1, 2)
             got += [b["image"] for b in take(loader, cut - done)]
             state, done = loader.state_dict(), cut
             loader.close()
@@ -127,8 +131,8 @@ def test_resume_with_different_world_size(shards: Path) -> None:
     seen = Counter(consumed)
     for rank in range(3):
         lo = build_loader(cfg, batch_size=1, rank=rank, world_size=3, seed=1)
-        lo.load_state_dict({"resharded_from": states})
-        for batch in lo.dataset._batches(0):
+        lo.load_rank_states(states, rank, 3)
+        for batch in lo.mode.stream._batches(0):
             if batch["_meta"]["cursor"][0] != 0:
                 break
             seen[ref[batch["image"][0].numpy().tobytes()]] += 1
@@ -142,12 +146,9 @@ def test_resume_errors(shards: Path) -> None:
     cfg = cfg_for(shards)
     a = build_loader(cfg, batch_size=2, rank=0, world_size=1, seed=0)
     take(a, 2)
-    b = build_loader(cfg, batch_size=2, rank=0, world_size=2, seed=0)
-    with pytest.raises(ValueError, match="resharded_from"):
-        b.load_state_dict(a.state_dict())
     c = build_loader(cfg, batch_size=2, rank=0, world_size=1, seed=1)
     with pytest.raises(ValueError, match="seed"):
-        c.load_state_dict(a.state_dict())
+        c.load_rank_states([a.state_dict()], 0, 1)
 
 
 def test_labels(tmp_path: Path) -> None:
@@ -158,7 +159,7 @@ def test_labels(tmp_path: Path) -> None:
     assert loader.num_classes == 3 and loader.num_samples == 12
     labels = next(iter(loader))["label"]
     assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
-    with pytest.raises(ValueError, match="no classes"):
+    with pytest.raises(SetupError, match="no classes"):
         build_loader(
             cfg_for(make_shards(tmp_path / "nolab", 4, shard_size=2).parent, use_labels=True),
             batch_size=1,
@@ -236,18 +237,23 @@ def test_startup_errors(shards: Path, tmp_path: Path) -> None:
     def build(spec: str, **kw):
         return build_loader(cfg_for(spec, **kw), batch_size=2, rank=0, world_size=1, seed=0)
 
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    # Every set-up mistake is a SetupError (the trainer's exit code 2) with one line naming the fix.
+    with pytest.raises(SetupError, match="matches no file"):
         build(str(tmp_path / "nothing-{000..003}.tar"))
-    with pytest.raises(FileNotFoundError, match="do not exist"):
+    with pytest.raises(SetupError, match="do not exist"):
         build(str(shards / "shard-{000000..000020}.tar"))
-    with pytest.raises(FileNotFoundError, match="neither manifest.json nor .tar shards.*ddpm-prepare"):
+    with pytest.raises(SetupError, match="neither manifest.json nor .tar shards.*ddpm-prepare"):
         build(str(tmp_path))
-    # 53 samples in 11 shards, 16 workers: the message names a --shard-size that gives enough.
-    with pytest.raises(ValueError, match="at least 16: re-prepare with --shard-size 3"):
+    # 11 shards, 4 ranks x 4 workers in the streaming order: fewer workers, or the global order.
+    with pytest.raises(SetupError, match=r"at least 16: set data.num_workers=2.*data.order=global"):
         build_loader(cfg_for(shards, num_workers=4), batch_size=2, rank=0, world_size=4, seed=0)
+    # The global order has no such limit: 16 readers on 11 shards.
+    lo = build_loader(cfg_for(shards, num_workers=4, order="global"), batch_size=2, rank=0, world_size=4, seed=0)
+    assert len(take(lo, 3)) == 3
+    lo.close()
     # Another size than the manifest's: resized in the loader, or refused with data.crop=none.
     assert next(iter(build(str(shards), image_size=32)))["image"].shape == (2, 3, 32, 32)
-    with pytest.raises(ValueError, match="data.crop=none: set data.crop=center"):
+    with pytest.raises(SetupError, match="data.crop=none: set data.crop=center"):
         build(str(shards), image_size=32, crop="none")
     # A brace pattern without a usable manifest still works (counts and size read from the tars).
     man = json.loads((shards / "manifest.json").read_text())
@@ -259,9 +265,12 @@ def test_startup_errors(shards: Path, tmp_path: Path) -> None:
         cfg.validate()
 
 
-def test_pipe_urls(shards: Path) -> None:
+def test_pipe_urls_are_read_in_the_streaming_order(shards: Path, caplog: pytest.LogCaptureFixture) -> None:
     spec = f"pipe:cat {shards}/shard-{{000000..000010}}.tar"
-    a = take(build_loader(cfg_for(spec), batch_size=4, rank=0, world_size=1, seed=2), 5)
+    with caplog.at_level(logging.INFO, logger="ddpm.data"):
+        pipe = build_loader(cfg_for(spec, order="global"), batch_size=4, rank=0, world_size=1, seed=2)
+    assert pipe.order == "streaming" and any("pipe: sources cannot seek" in r.message for r in caplog.records)
+    a = take(pipe, 5)
     b = take(build_loader(cfg_for(shards), batch_size=4, rank=0, world_size=1, seed=2), 5)
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
 
@@ -313,6 +322,9 @@ def test_state_of_the_previous_version_still_resumes_exactly(shards: Path) -> No
     # Version 1: names-only fingerprint, counters [bad, seen].
     st.update(version=1, shards_fingerprint=hashlib.sha256(names.encode()).hexdigest()[:16])
     st["counters"] = [c[:2] for c in st["counters"]]
-    b = build_loader(cfg, batch_size=3, rank=0, world_size=1, seed=4)
-    b.load_state_dict(st)
+    del st["order"]
+    # A run from before the global order: its checkpoint resumes in the streaming order, exactly.
+    b = build_loader(cfg_for(shards, hflip=True, order="global"), batch_size=3, rank=0, world_size=1, seed=4)
+    b.load_rank_states([st], 0, 1)
+    assert b.order == "streaming"
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(take(a, 4), take(b, 4)))

@@ -92,10 +92,11 @@ def test_resume_with_other_world_size_continues_the_epoch(shards: Path) -> None:
 
 
 def test_synthetic_shards_go_through_prepare(tmp_path: Path) -> None:
-    man = ensure_synthetic_shards(tmp_path / "syn", 40, 16, seed=0, progress=False)
-    assert man.name == "manifest.json" and len(list((tmp_path / "syn").glob("shard-*.tar"))) == 20
+    assert ensure_synthetic_shards(tmp_path / "syn", 40, 16, seed=0, progress=False) == "made"
+    man = tmp_path / "syn" / "manifest.json"
+    assert len(list((tmp_path / "syn").glob("shard-*.tar"))) == 20
     mtime = man.stat().st_mtime_ns
-    assert ensure_synthetic_shards(tmp_path / "syn", 40, 16, progress=False) == man
+    assert ensure_synthetic_shards(tmp_path / "syn", 40, 16, progress=False) == "kept"
     assert man.stat().st_mtime_ns == mtime  # idempotent: nothing redone
     lo = build_loader(
         DataConfig(shards=str(tmp_path / "syn"), num_workers=0),

@@ -327,7 +327,9 @@ def test_cli_summary_resume_and_changed_options(tmp_path: Path) -> None:
     proc = cli(str(src), str(out), "--size", "8", *common)
     assert proc.returncode == 0, proc.stderr
     # --no-progress hides only the bar: the summary and a readable skip reason stay.
-    assert "prepared 6 images into 4 shards" in proc.stderr and "it/s" not in proc.stderr
+    # 7 files in shards of 2: the 4th would hold only text.jpg, so it is not written at all.
+    assert "prepared 6 images into 3 shards" in proc.stderr and "it/s" not in proc.stderr
+    assert sorted(p.name for p in out.glob("shard-*.tar"))[-1] == "shard-000002.tar"
     skip = next(line for line in proc.stderr.splitlines() if "text.jpg" in line)
     assert "not an image of a known type" in skip and "0x" not in skip and "object at" not in skip
     # A re-run that resumes says what it kept.
@@ -397,3 +399,147 @@ def test_ctrl_c_prints_one_line_and_resumes(tmp_path: Path) -> None:
     rerun = cli(*args[3:], timeout=300)
     assert rerun.returncode == 0 and "resuming: kept" in rerun.stderr
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 240
+
+
+# ----------------------------------------------------------------------------- empty shards, own output
+
+
+def test_broken_files_never_make_an_empty_shard(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src, 30, size=20)
+    for i in range(3):
+        (src / f"broken{i}.jpg").write_bytes(b"not a jpeg")
+    man = json.loads(
+        prepare(src, out, image_size=8, progress=False).read_text()
+    )  # auto: 1 per shard
+    assert man["num_samples"] == 30 and len(man["skipped"]) == 3
+    assert len(man["shards"]) == 30 and all(s["samples"] == 1 for s in man["shards"])
+    on_disk = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert on_disk == sorted(s["name"] for s in man["shards"])  # no file beyond the manifest's
+    # Resume stays exact: a lost shard is rewritten byte for byte, the empty ones stay unwritten.
+    (out / man["shards"][5]["name"]).unlink()
+    again = json.loads(prepare(src, out, image_size=8, progress=False).read_text())
+    assert again["shards"] == man["shards"] and again["skipped"] == man["skipped"]
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == on_disk
+    from data_pipeline.shards import resolve_shards
+
+    assert sum(resolve_shards(str(out)).counts) == 30
+
+
+def test_manifest_says_who_made_it_and_readers_still_read_it(tmp_path: Path) -> None:
+    from data_pipeline.shards import resolve_shards
+
+    make_image_folder(tmp_path / "src", 5, size=20, classes=2)
+    man = json.loads(
+        prepare(
+            tmp_path / "src", tmp_path / "out", image_size=8, labels=True, progress=False
+        ).read_text()
+    )
+    assert man["made_by"] == "ddpm-prepare" and man["version"] == 1
+    shards = resolve_shards(str(tmp_path / "out"))
+    assert shards.counts == [s["samples"] for s in man["shards"]] and shards.image_size == 8
+    assert shards.classes == ["class0", "class1"]
+
+
+def test_someone_elses_folder_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    make_image_folder(tmp_path / "src", 4, size=20)
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "shard-000000.tar").write_bytes(b"their shard")
+    rc = main([str(tmp_path / "src"), str(out), "--size", "8", "--workers", "0", "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and str(out) in lines[0]
+    assert "new or empty output folder" in lines[0] and "--overwrite" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shard-000000.tar"]
+    assert (out / "shard-000000.tar").read_bytes() == b"their shard"
+    # A file where the folder should be: one line too.
+    (tmp_path / "afile").write_text("x")
+    assert main([str(tmp_path / "src"), str(tmp_path / "afile"), "--size", "8"]) == 2
+    # With --overwrite the shards go in; files of other names stay.
+    prepare(tmp_path / "src", out, image_size=8, shard_size=2, progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and len(read_shards(out)) == 4
+    # Our own earlier output (even unfinished: only .prepare/) is ours to resume.
+    out2 = tmp_path / "ours"
+    prepare(tmp_path / "src", out2, image_size=8, shard_size=2, progress=False)
+    (out2 / "manifest.json").unlink()
+    assert (
+        json.loads(
+            prepare(tmp_path / "src", out2, image_size=8, shard_size=2, progress=False).read_text()
+        )["num_samples"]
+        == 4
+    )
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def test_synthetic_shards_are_made_kept_and_rebuilt_only_when_their_own(tmp_path: Path) -> None:
+    from data_pipeline.synthetic import ensure_synthetic_shards
+
+    syn = tmp_path / "syn"
+    assert ensure_synthetic_shards(syn, 20, 8, seed=1, progress=False) == "made"
+    man = json.loads((syn / "manifest.json").read_text())
+    assert man["synthetic"] == {"images": 20, "size": 8, "seed": 1} and man["num_samples"] == 20
+    mtime = (syn / "manifest.json").stat().st_mtime_ns
+    assert ensure_synthetic_shards(syn, 20, 8, seed=1, progress=False) == "kept"
+    assert (syn / "manifest.json").stat().st_mtime_ns == mtime  # nothing redone
+    # Its own shards with other options are rebuilt.
+    assert ensure_synthetic_shards(syn, 24, 8, seed=1, progress=False) == "made"
+    assert json.loads((syn / "manifest.json").read_text())["num_samples"] == 24
+    assert not list(tmp_path.glob(".synthetic-src-*"))
+
+
+def test_synthetic_never_touches_someone_elses_data(tmp_path: Path) -> None:
+    from data_pipeline.config import SetupError
+    from data_pipeline.synthetic import ensure_synthetic_shards
+
+    def snapshot(folder: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+        }
+
+    # A user's prepared data set (a manifest without the synthetic mark).
+    make_image_folder(tmp_path / "src", 6, size=20)
+    real = tmp_path / "real"
+    prepare(tmp_path / "src", real, image_size=8, shard_size=2, progress=False)
+    before = snapshot(real)
+    assert ensure_synthetic_shards(real, 1024, 32, progress=False) == "foreign"
+    assert ensure_synthetic_shards(real / "manifest.json", 1024, 32, progress=False) == "foreign"
+    assert snapshot(real) == before
+    # Shards of another tool (.tar files, no manifest).
+    wds = tmp_path / "wds"
+    write_wds_shards(wds, 2, 3)
+    before = snapshot(wds)
+    assert ensure_synthetic_shards(wds, 16, 8, progress=False) == "foreign"
+    assert snapshot(wds) == before
+    # A folder of something else entirely: one line, nothing written.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.pdf").write_bytes(b"%PDF")
+    with pytest.raises(SetupError, match="holds files but no shards") as info:
+        ensure_synthetic_shards(docs, 16, 8, progress=False)
+    assert "\n" not in str(info.value) and snapshot(docs) == {"thesis.pdf": b"%PDF"}
+
+
+def test_synthetic_shards_of_earlier_versions_and_unfinished_runs_are_its_own(
+    tmp_path: Path,
+) -> None:
+    from data_pipeline.synthetic import ensure_synthetic_shards
+
+    syn = tmp_path / "syn"
+    ensure_synthetic_shards(syn, 16, 8, progress=False)
+    # As versions before the mark left it: prepared from a temporary .synthetic-src-* folder.
+    man = json.loads((syn / "manifest.json").read_text())
+    del man["synthetic"]
+    man["source"] = str(tmp_path / ".synthetic-src-x1y2")
+    (syn / "manifest.json").write_text(json.dumps(man))
+    opts = json.loads((syn / ".prepare" / "options.json").read_text())
+    del opts["synthetic"]
+    (syn / ".prepare" / "options.json").write_text(json.dumps(opts))
+    assert ensure_synthetic_shards(syn, 16, 8, progress=False) == "kept"
+    assert ensure_synthetic_shards(syn, 16, 12, progress=False) == "made"  # rebuilt: its own
+    # A run stopped before its manifest: still its own, made again.
+    (syn / "manifest.json").unlink()
+    assert ensure_synthetic_shards(syn, 16, 12, progress=False) == "made"
+    assert json.loads((syn / "manifest.json").read_text())["synthetic"]["size"] == 12

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.storage import StorageError, atomic_write
 from trainer import distributed as du
 from trainer.config import ConfigError
-from trainer.errors import EXIT_CONFIG, EXIT_OK, classify
+from trainer.errors import EXIT_CONFIG, EXIT_OK, StorageFault, classify
 from trainer.evaluation.features import extract_features, make_extractor
 from trainer.evaluation.metrics import (
     compute_metrics,
@@ -167,15 +168,17 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
     order = torch.argsort(du.all_gather_tensor(torch.cat(index_parts)).cpu())
     features = {k: du.all_gather_tensor(torch.cat(v)).cpu()[order] for k, v in sorted(parts.items())}
 
-    report = None
-    if du.is_main():
+    def finish() -> dict[str, Any]:
+        """Rank 0: the metrics, the ADM .npz of the N images scored, report.json (one line on a full disk)."""
         n = features["features"].shape[0]
         if n != args.num_samples:
             raise RuntimeError(f"expected {args.num_samples} samples, found {n}")
+        held = samples.held()
+        if held > n:
+            log.info("%s holds %d samples; scoring its first %d (the set and its other files stay as they are)",
+                     out_dir, held, n)
         metrics = compute_metrics(features, reference, metric_names)
         npz = out_dir / f"samples_{n}x{image_size}x{image_size}x{channels}.npz"
-        if not args.no_npz:
-            samples.write_adm_npz(npz, n, conditional=num_classes > 0)
         report = {
             "metrics": metrics,
             "protocol": {
@@ -197,8 +200,17 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
             "samples_npz": None if args.no_npz else str(npz),
             "sample_seconds_this_run": round(sample_seconds, 1),
         }
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        try:
+            if not args.no_npz:
+                samples.write_adm_npz(npz, n, conditional=num_classes > 0)
+            atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n",
+                         what="evaluation report")
+        except StorageError as e:  # every rank ends with this one line (exit code 74)
+            raise StorageFault(f"storage error: {e}") from e
         print(format_report(report))
+        return report
+
+    report = du.run_on_main(finish, (StorageFault,))
     return du.broadcast_object(report)
 
 
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         code, line = classify(e)  # a set-up mistake (2) or a storage fault (74): one line; else a crash
         if line is None:
             raise
-        print(f"ddpm-evaluate: {line.removeprefix('config error: ')}", file=sys.stderr)
+        print(f"ddpm-evaluate: {line.replace('config error: ', 'error: ', 1)}", file=sys.stderr)
         return code
     finally:
         du.destroy()

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.storage import StorageError, atomic_write
 from trainer import distributed as du
 from trainer.evaluation.features import FeatureExtractor, extract_features
 from trainer.evaluation.metrics import FeatureMoments, library_version
@@ -37,9 +38,7 @@ class ReferenceStats:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (tmp file + rename) so a crash never leaves a half cache."""
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        """Write atomically (data_pipeline.storage) so a crash never leaves a half cache."""
         arrays: dict[str, Any] = {
             "mu": self.mu,
             "sigma": self.sigma,
@@ -48,11 +47,7 @@ class ReferenceStats:
         }
         if self.features is not None:
             arrays["features"] = self.features.astype(np.float32)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays), what="reference statistics")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceStats:
@@ -212,21 +207,15 @@ def reference_from_data(
     rank, world = du.get_rank(), du.get_world_size()
     # One pass without flips: augmentation is not part of the data distribution FID compares with.
     cfg = dataclasses.replace(data_cfg, hflip=False, image_size=image_size)
-    exact = cfg.backend == "webdataset"
-    if exact:
-        # No DataLoader workers: this rank then reads exactly its shards of epoch 0, in order
-        # (the loader deals shard perm[rank::world] to it), so all ranks together see every
-        # image once. With workers, batches interleave and cross into epoch 1 unevenly.
+    # The streaming order (asked for, or pipe: sources, which cannot seek; data_pipeline.loader).
+    streaming = cfg.backend == "webdataset" and (cfg.order == "streaming" or str(cfg.shards).startswith("pipe:"))
+    if streaming:
+        # No DataLoader workers: this rank then reads exactly its shards of epoch 0, in order,
+        # so all ranks together see every image once (workers would interleave unevenly).
         cfg = dataclasses.replace(cfg, num_workers=0)
     loader = build_loader(cfg, batch_size=batch_per_gpu, rank=rank, world_size=world, seed=0)
     total = int(loader.num_samples)
-    if exact:
-        from data_pipeline.loader import worker_shards
-
-        counts = loader.shards.counts
-        share = sum(counts[i] for i in worker_shards(len(counts), 0, 0, rank, world, None))
-    else:
-        share = len(rank_block(total, rank, world))
+    share = _exact_share(loader, total, batch_per_gpu, rank, world, streaming)
     log.info("computing reference statistics of %d training images on %d ranks -> %s", total, world, cache)
     t0 = time.time()
     try:
@@ -241,10 +230,37 @@ def reference_from_data(
         seconds=round(time.time() - t0, 1),
     )
     if du.is_main():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        ref.save(cache)
+        try:
+            ref.save(cache)
+        except StorageError as e:  # a read-only or full dataset folder: the statistics are still good
+            log.warning("reference statistics not cached (%s); they are computed again next time", e)
     du.barrier()
     return ref
+
+
+def _exact_share(loader: Any, total: int, batch_per_gpu: int, rank: int, world: int, streaming: bool) -> int:
+    """How many of its first images this rank reads so that all ranks together read epoch 0 once.
+
+    The global order (data_pipeline.order): rank r's j-th batch holds stream positions
+    j G + r b + [0, b) (G = b x world, positions in increasing order), and epoch 0 is positions
+    [0, N): the rank's positions below N. The streaming order (pipe: sources): the samples of the
+    shards the rank's one reader is dealt in epoch 0. Other backends: an even split of N.
+    """
+    if getattr(loader, "order", None) == "global":
+        from data_pipeline.order import micro_batch_positions
+
+        share, j = 0, 0
+        while (pos := micro_batch_positions(j, rank=rank, world_size=world, batch_per_gpu=batch_per_gpu,
+                                            accum=1, global_batch=batch_per_gpu * world)).start < total:
+            share += min(pos.stop, total) - pos.start
+            j += 1
+        return share
+    if streaming:
+        from data_pipeline.streaming import worker_shards
+
+        counts = loader.shards.counts
+        return sum(counts[i] for i in worker_shards(len(counts), 0, 0, rank, world, None))
+    return len(rank_block(total, rank, world))
 
 
 def load_reference(

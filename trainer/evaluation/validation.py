@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -11,6 +12,8 @@ from data_pipeline import build_loader
 from trainer import distributed as du
 from trainer.config import Config
 from trainer.sampling import rank_block
+
+log = logging.getLogger("ddpm")
 
 # The timesteps of val/loss_t<t>, as fractions of T: (10, 100, 250, 500, 750, 990) at T = 1000.
 val_fractions = (0.01, 0.1, 0.25, 0.5, 0.75, 0.99)
@@ -25,18 +28,29 @@ def load_validation_images(cfg: Config, rank: int, world_size: int,
     e = cfg.eval
     if not (e.val_every_images and e.val_shards):
         return None
-    # The same first val_images images on every rank (a one-process view, no flips), then a rank block.
+    # The same first images on every rank (a one-process view, no flips), then a rank block. The
+    # loader streams forever (step-based training), so read one pass at most: each held-out image
+    # counts once, however few the shards hold.
     vcfg = dataclasses.replace(cfg.data, shards=e.val_shards, hflip=False, num_workers=0, synthetic_images=0,
                                image_size=cfg.data.image_size or cfg.model.image_size,
                                num_classes=cfg.data.num_classes or cfg.model.num_classes)
-    loader = build_loader(vcfg, batch_size=e.val_images, rank=0, world_size=1, seed=0, device=None)
+    loader = build_loader(vcfg, batch_size=1, rank=0, world_size=1, seed=0, device=None)
     try:
-        batch = next(iter(loader))
+        held = getattr(loader, "num_samples", None)
+        n = min(e.val_images, int(held)) if held else e.val_images
+        stream = iter(loader)
+        batches = [next(stream) for _ in range(n)]
     finally:
         loader.close()
-    mine = list(rank_block(e.val_images, rank, world_size))
-    labels = batch["label"][mine] if cfg.model.num_classes > 0 and cfg.data.use_labels else None
-    return batch["image"][mine].contiguous(), mine, labels
+    if rank == 0:
+        log.info("validation loss: %d held-out image(s) from %s (eval.val_images=%d%s)", n, e.val_shards,
+                 e.val_images, f"; the shards hold {held}" if held is not None and held < e.val_images else "")
+    images = torch.cat([b["image"] for b in batches])
+    mine = list(rank_block(n, rank, world_size))
+    labels = None
+    if cfg.model.num_classes > 0 and cfg.data.use_labels:
+        labels = torch.cat([b["label"] for b in batches])[mine]
+    return images[mine].contiguous(), mine, labels
 
 
 @torch.no_grad()
