@@ -4,6 +4,8 @@
     python -m benchmarks.convergence --out runs/convergence-600 --seeds 0,1 train.total_images=38400
     python -m benchmarks.convergence --out runs/convergence-600 --seeds 0,1 --arms ours --eta 1 train.total_images=38400
     python -m benchmarks.convergence --prepare-only          # only the digits shards, at digits_16's data.shards
+    python -m benchmarks.convergence --config tests/configs/digits_8.yaml --arms ours --out runs/fast \
+        --fractions 1/6,1/3,1/2,1 --target runs/paper/results.json recipe=fast   # images to reach a target
 
 The real set is scikit-learn's handwritten digits (benchmarks.digits), upscaled to the model's
 size and made into shards under --out by ddpm-prepare's code. Both arms train the UNet of
@@ -12,11 +14,16 @@ overrides apply to both; benchmarks.convergence_arms): this trainer's real loop 
 and diffusers' UNet2DModel + DDPMScheduler + EMAModel in a plain loop over the same images.
 
 Both are sampled by the same code (`GaussianDiffusion.sample`: --sampler, --steps, --eta,
---spacing, --no-clip; the same seeds) from the EMA weights (or --weights raw) and judged offline
-by `benchmarks.digits.DigitsJudge`. A finished run of the ours arm is reused by a later command
-on the same --out with the same recipe, so sampler variants need no new training. --per-t adds
-the per-channel error of each model at given timesteps (what a colour cast comes from). Prints one
-row per arm and seed, then the medians, and writes results.json under --out.
+--ddim-eps, --spacing, --no-clip; the same seeds) from the EMA weights (or --weights raw) and judged
+offline by `benchmarks.digits.DigitsJudge`. A finished run of the ours arm is reused by a later
+command on the same --out with the same recipe, so sampler variants need no new training. --per-t
+adds the per-channel error of each model at given timesteps (what a colour cast comes from). Prints
+one row per arm, seed and scored point, then the medians, and writes results.json under --out.
+
+The ours arm keeps a checkpoint every twelfth of the run: --fractions scores it at those points
+(e.g. 1/6,1/3,1), and --target RESULTS.json (an earlier command's results, e.g. the paper recipe's)
+adds the images each seed and the median curve need to reach that run's final median confidence
+and PCA FD: "images to target", the measure of the faster-training recipes (README).
 
 --prepare-only makes only the digits shards, at the config's data.shards (or a data.shards=DIR
 override), so `trainer/main.py --config digits_16` trains on them.
@@ -25,10 +32,12 @@ override), so `trainer/main.py --config digits_16` trains on them.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks import timing
-from benchmarks.convergence_arms import train_diffusers, train_ours
+from benchmarks.convergence_arms import milestone_images, train_diffusers, train_ours
 from benchmarks.digits import (
     DigitsJudge,
     make_digit_shards,
@@ -48,14 +57,18 @@ from benchmarks.timing import UsageError
 from benchmarks.trainer_internals import config_path, image_seed, load_cfg, to_uint8
 
 MODULE = "benchmarks.convergence"
-SAMPLING = ("arms", "num_samples", "sampler", "steps", "eta", "spacing", "no_clip", "weights", "per_t", "seeds",
-            "nproc", "json")
+SAMPLING = ("arms", "num_samples", "sampler", "steps", "eta", "ddim_eps", "spacing", "no_clip", "weights", "per_t",
+            "seeds", "nproc", "json", "fractions", "target")
 
 
 def sample(model: nn.Module, cfg: Any, n: int, *, seed: int = 1234, sampler: str = "ddim", steps: int | None = 50,
-           eta: float = 0.0, spacing: str = "leading", clip: bool = True, batch: int = 128) -> torch.Tensor:
-    """n uint8 samples (n, C, H, W) by the trainer's sampler; image k's noise depends only on (seed, k)."""
-    from models.diffusion import GaussianDiffusion
+           eta: float = 0.0, spacing: str | None = None, clip: bool = True, batch: int = 128,
+           ddim_eps: str | None = None) -> torch.Tensor:
+    """n uint8 samples (n, C, H, W) by the trainer's sampler; image k's noise depends only on (seed, k).
+
+    ``spacing`` None: the sampler's default for the schedule; ``ddim_eps`` None: the default convention.
+    """
+    from models.diffusion import DDIM_EPS_DEFAULT, GaussianDiffusion
 
     diffusion, m = GaussianDiffusion(cfg.diffusion), cfg.model
     out = []
@@ -63,7 +76,8 @@ def sample(model: nn.Module, cfg: Any, n: int, *, seed: int = 1234, sampler: str
         for start in range(0, n, batch):
             seeds = [image_seed(seed, k) for k in range(start, min(n, start + batch))]
             x = diffusion.sample(model.eval(), (m.in_channels, m.image_size, m.image_size), seeds, sampler=sampler,
-                                 steps=steps, eta=eta, spacing=spacing, clip_denoised=clip)
+                                 steps=steps, eta=eta, spacing=spacing, clip_denoised=clip,
+                                 ddim_eps=ddim_eps or DDIM_EPS_DEFAULT)
             out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -116,7 +130,7 @@ def loss_at(losses: list[tuple[int, float]], fraction: float, total: int) -> flo
 
 
 _COLUMNS = (
-    ("arm", "{}"), ("seed", "{}"), ("confidence", "{:.3f}"), ("class_spread", "{:.2f}"), ("fd_pca", "{:.2f}"),
+    ("arm", "{}"), ("seed", "{}"), ("images", "{}"), ("confidence", "{:.3f}"), ("class_spread", "{:.2f}"), ("fd_pca", "{:.2f}"),
     ("abs_r_minus_b", "{:.2f}"), ("channel_bias", "{:.3f}"), ("loss_10%", "{:.4f}"), ("loss_50%", "{:.4f}"),
     ("loss_100%", "{:.4f}"), ("core_ms_per_image", "{:.1f}"),
 )
@@ -134,13 +148,51 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def medians(rows: list[dict[str, Any]], arm: str) -> dict[str, Any]:
-    """The median of every numeric column over the rows of one arm."""
-    mine = [r for r in rows if r["arm"] == arm]
-    out: dict[str, Any] = {"arm": f"**{arm}**", "seed": "median"}
-    for c, _ in _COLUMNS[2:]:
+def medians(rows: list[dict[str, Any]], arm: str, images: int | None = None) -> dict[str, Any]:
+    """The median of every numeric column over the rows of one arm (at one scored point, if given)."""
+    mine = [r for r in rows if r["arm"] == arm and (images is None or r.get("images") == images)]
+    out: dict[str, Any] = {"arm": f"**{arm}**", "seed": "median", "images": images}
+    for c, _ in _COLUMNS[3:]:
         vals = [r[c] for r in mine if r.get(c) is not None]
         out[c] = statistics.median(vals) if vals else None
+    return out
+
+
+def read_target(path: str) -> dict[str, Any]:
+    """The final median confidence and PCA FD of the first arm in an earlier command's results.json (or --json)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        rows = [r for r in doc.get("results", doc)["rows"] if r.get("seed") != ""]
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--target: cannot read the results of an earlier command from {path} ({e})") from None
+    if not rows:
+        raise UsageError(f"--target: {path} holds no scored runs")
+    arm = rows[0]["arm"]
+    final = max(r.get("images") or 0 for r in rows if r["arm"] == arm)
+    last = [r for r in rows if r["arm"] == arm and (r.get("images") or 0) == final]
+    return {"path": path, "arm": arm, "images": final,
+            "confidence": statistics.median(r["confidence"] for r in last),
+            "fd_pca": statistics.median(r["fd_pca"] for r in last)}
+
+
+def images_to_target(rows: list[dict[str, Any]], target: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per arm, per seed and for the median curve: the first scored images with confidence >= and
+    PCA FD <= the target's (None: not reached), its ratio to the target's images, and core-seconds."""
+    def reached(r: dict[str, Any]) -> bool:
+        return r["confidence"] >= target["confidence"] and r["fd_pca"] <= target["fd_pca"]
+
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["images"])
+        points = sorted({r["images"] for r in mine})
+        curves = [(seed, [r for r in mine if r["seed"] == seed]) for seed in dict.fromkeys(r["seed"] for r in mine)]
+        curves.append(("median", [medians(mine, arm, n) for n in points]))
+        rate = statistics.median(r["core_ms_per_image"] for r in mine)
+        for seed, curve in curves:
+            hit = next((r["images"] for r in curve if reached(r)), None)
+            out.append({"arm": arm, "seed": seed, "images_to_target": hit,
+                        "ratio": None if hit is None else hit / target["images"],
+                        "core_s_to_target": None if hit is None else hit * rate / 1e3})
     return out
 
 
@@ -159,19 +211,27 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, set[str]
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: stochastic)")
-    p.add_argument("--spacing", choices=("leading", "trailing"), default="leading", help="sampler timestep spacing")
+    p.add_argument("--ddim-eps", choices=("model", "clipped"), default=None,
+                   help="DDIM direction term: the model's eps (diffusers' default) or eps from the clipped x0 "
+                        "(guided-diffusion); default: the trainer's default")
+    p.add_argument("--spacing", choices=("leading", "trailing"), default=None,
+                   help="sampler timestep spacing (default: leading, trailing on a zero-terminal-SNR schedule)")
     p.add_argument("--no-clip", action="store_true", help="sample without clipping x0 at every step")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="sample the EMA or the trained weights")
     p.add_argument("--per-t", default="", metavar="T,T,...",
                    help="also the per-channel eps and x0 errors at these timesteps, on 256 real images")
+    p.add_argument("--fractions", default="1", metavar="F,F,...",
+                   help="score the ours arm at these fractions of the run (twelfths, e.g. 1/6,1/3,1; default 1)")
+    p.add_argument("--target", default=None, metavar="RESULTS.json",
+                   help="report the images needed to reach the final median confidence and PCA FD of these results")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here (results.json is always)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, applied to both arms")
     args = p.parse_args(argv)
     return args, timing.explicit(p, argv)
 
 
-def check(args: argparse.Namespace, given: set[str], cfg: Any) -> tuple[list[int], list[str], list[int]]:
-    """Refuse what cannot be honoured; (seeds, arms, per-t timesteps)."""
+def check(args: argparse.Namespace, given: set[str], cfg: Any) -> tuple[list[int], list[str], list[int], list[int]]:
+    """Refuse what cannot be honoured; (seeds, arms, per-t timesteps, images to score at)."""
     if args.prepare_only:
         timing.refuse_unused(given, [*SAMPLING, "out"], "with --prepare-only (it only makes the shards, at "
                              "data.shards)")
@@ -187,22 +247,36 @@ def check(args: argparse.Namespace, given: set[str], cfg: Any) -> tuple[list[int
                          f"{args.arms!r}, {args.seeds!r}")
     if "ours" not in arms:
         timing.refuse_unused(given, ["nproc"], "without the ours arm (--nproc is its number of ranks)")
-    if "eta" in given and args.sampler != "ddim":
-        raise UsageError("--eta is DDIM's: ancestral DDPM (--sampler ddpm) draws fresh noise at every step anyway")
+    if ("eta" in given or "ddim_eps" in given) and args.sampler != "ddim":
+        raise UsageError("--eta and --ddim-eps are DDIM's: ancestral DDPM (--sampler ddpm) draws fresh noise at "
+                         "every step and has no direction term")
+    total, every = cfg.train.total_images, milestone_images(cfg)
+    try:
+        fractions = sorted({Fraction(x) for x in args.fractions.split(",") if x})
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--fractions: comma-separated fractions such as 1/6,1/3,1; got {args.fractions!r}") from None
+    points = [int(f * total) for f in fractions]
+    if not fractions or any(not 0 < f <= 1 or (n != total and (f * total != n or n % every))
+                            for f, n in zip(fractions, points)):
+        raise UsageError(f"--fractions: fractions in (0, 1] at a kept checkpoint (every {every} of the {total} "
+                         f"images: 1/12, 1/6, ...), got {args.fractions!r}")
+    if points != [total] and arms != ["ours"]:
+        raise UsageError("--fractions scores the ours arm's kept checkpoints: use --arms ours")
     if "diffusers" in arms and (cfg.diffusion.schedule != "linear" or cfg.diffusion.target != "eps"):
         raise UsageError("the diffusers arm runs the paper's linear schedule and eps target only: use --arms ours")
     if any(not 0 <= t < cfg.diffusion.timesteps for t in ts):
         raise UsageError(f"--per-t: timesteps lie in [0, {cfg.diffusion.timesteps}), got {args.per_t!r}")
     if args.num_samples < 2 or args.steps < 1 or args.nproc < 1:
         raise UsageError("--num-samples must be >= 2, --steps and --nproc >= 1")
-    return seeds, arms, ts
+    return seeds, arms, ts, points
 
 
 def run(args: argparse.Namespace, given: set[str], argv: Sequence[str] | None) -> int:
     """Train both arms for every seed, sample, judge, and print the side-by-side table."""
     cfg_file = config_path(args.config)
     cfg = load_cfg(str(cfg_file), args.overrides)
-    seeds, arms, ts = check(args, given, cfg)
+    seeds, arms, ts, points = check(args, given, cfg)
+    target = read_target(args.target) if args.target else None
     if args.prepare_only:
         try:
             shards = make_digit_shards(cfg.data.shards, cfg.model.image_size)
@@ -224,31 +298,47 @@ def run(args: argparse.Namespace, given: set[str], argv: Sequence[str] | None) -
     for seed in seeds:
         for arm in arms:
             if arm == "ours":
-                res = train_ours(cfg_file, args.overrides, out / f"ours-seed{seed}", shards, seed=seed, nproc=args.nproc)
+                res = train_ours(cfg_file, args.overrides, out / f"ours-seed{seed}", shards, seed=seed,
+                                 nproc=args.nproc, milestone_every=milestone_images(cfg))
             else:
                 res = train_diffusers(cfg, images, seed=seed)
-            model = res.models[args.weights]
-            samples = sample(model, cfg, args.num_samples, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                             spacing=args.spacing, clip=not args.no_clip)
-            row = {"arm": arm, "seed": seed, **judge.score(samples),
-                   "loss_10%": loss_at(res.losses, 0.1, total), "loss_50%": loss_at(res.losses, 0.5, total),
-                   "loss_100%": loss_at(res.losses, 1.0, total),
-                   "core_ms_per_image": 1e3 * res.wall_s * res.cores / res.images, "reused_run": res.reused,
-                   "loss_curve": res.losses}
-            if ts:
-                row["per_t"] = per_t(model, cfg, images[:256], ts)
-            rows.append(row)
-            print(markdown_table([row]).splitlines()[-1] + (" (reused run)" if res.reused else ""), flush=True)
-            if ts:
-                print(f"per-t, {arm} seed {seed} ({args.weights} weights, {min(256, len(images))} real images):\n"
-                      + per_t_table(row["per_t"]), flush=True)
-    table = rows + [medians(rows, arm) for arm in arms]
-    timing.write_json(out / "results.json", {"command": timing.command(MODULE, argv), "rows": rows})
-    print(f"\n{total} training images per run, {args.sampler}-{args.steps} samples (eta {args.eta:g}, "
-          f"{args.spacing}{', no clip' if args.no_clip else ''}, {args.weights} weights, {args.num_samples} per run); "
-          f"time per image in core-ms: wall x ({args.nproc} ranks x 1 thread | 1 thread)\n")
+            for n in points:
+                model = res.model_at(n, args.weights)
+                samples = sample(model, cfg, args.num_samples, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                 spacing=args.spacing, clip=not args.no_clip, ddim_eps=args.ddim_eps)
+                row = {"arm": arm, "seed": seed, "images": n, **judge.score(samples),
+                       "loss_10%": loss_at(res.losses, 0.1, n), "loss_50%": loss_at(res.losses, 0.5, n),
+                       "loss_100%": loss_at(res.losses, 1.0, n),
+                       "core_ms_per_image": 1e3 * res.wall_s * res.cores / res.images, "reused_run": res.reused,
+                       "loss_curve": [x for x in res.losses if x[0] <= n]}
+                if ts and n == total:
+                    row["per_t"] = per_t(model, cfg, images[:256], ts)
+                rows.append(row)
+                print(markdown_table([row]).splitlines()[-1] + (" (reused run)" if res.reused else ""), flush=True)
+                if "per_t" in row:
+                    print(f"per-t, {arm} seed {seed} ({args.weights} weights, {min(256, len(images))} real images):\n"
+                          + per_t_table(row["per_t"]), flush=True)
+    table = rows + [medians(rows, arm, n) for arm in arms for n in points]
+    reach = images_to_target(rows[1:], target) if target else None
+    timing.write_json(out / "results.json", {"command": timing.command(MODULE, argv), "rows": rows,
+                                             "target": target, "images_to_target": reach})
+    ddim = f"eta {args.eta:g}, eps {args.ddim_eps or 'default'}, " if args.sampler == "ddim" else ""
+    print(f"\n{total} training images per run, {args.sampler}-{args.steps} samples ({ddim}"
+          f"{args.spacing or 'default spacing'}{', no clip' if args.no_clip else ''}, {args.weights} weights, "
+          f"{args.num_samples} per scored point); loss columns at 10/50/100% of the images scored; time per image "
+          f"in core-ms: wall x ({args.nproc} ranks x 1 thread | 1 thread)\n")
     print(markdown_table(table))
-    timing.finish(MODULE, argv, args, {"rows": rows})
+    if reach is not None:
+        print(f"\nimages to reach {target['arm']}'s final median confidence {target['confidence']:.3f} and PCA FD "
+              f"{target['fd_pca']:.2f} at {target['images']} images ({target['path']}):\n")
+        print("| arm | seed | images to target | ratio to the target's images | core-s to target |\n"
+              "| --- | --- | --- | --- | --- |")
+        for r in reach:
+            hit = r["images_to_target"]
+            print(f"| {r['arm']} | {r['seed']} | {hit if hit is not None else 'not reached'} | "
+                  f"{'' if hit is None else format(r['ratio'], '.3f')} | "
+                  f"{'' if hit is None else format(r['core_s_to_target'], '.0f')} |")
+    timing.finish(MODULE, argv, args, {"rows": rows, "target": target, "images_to_target": reach})
     return 0
 
 

@@ -1,8 +1,9 @@
 """The two arms of the convergence benchmark: this trainer's real loop, and diffusers in a plain loop.
 
-* ours: ``torchrun --nproc_per_node=N trainer/main.py`` reading the shards. A finished run is
-  reused by a later command on the same --out with the same recipe (``train_record.json``), so the
-  sampler can be varied without training again.
+* ours: ``torchrun --nproc_per_node=N trainer/main.py`` reading the shards, keeping a checkpoint
+  every twelfth of the run (``milestone_images``) so earlier points of the run can be scored. A
+  finished run is reused by a later command on the same --out with the same recipe
+  (``train_record.json``), so the sampler can be varied without training again.
 * diffusers: ``UNet2DModel`` of the same configuration (``models.interop``),
   ``DDPMScheduler.add_noise`` and ``EMAModel`` in a plain PyTorch loop over the same decoded images,
   the same batches per step, learning-rate schedule, clipping and EMA decay.
@@ -54,6 +55,24 @@ class ArmResult:
     images: int
     cores: int  # processes x threads it ran on
     reused: bool = False  # a finished run of an earlier command
+    run_dir: Path | None = None  # the ours arm's run directory (its kept checkpoints)
+    milestone_every: int = 0  # a checkpoint is kept at every multiple of this many images (0: none)
+
+    def model_at(self, images: int, which: str = "ema") -> nn.Module:
+        """The model after ``images`` training images (the final one, or a kept checkpoint)."""
+        if images == self.images:
+            return self.models[which]
+        path = (self.run_dir / "checkpoints" / f"milestone-{images:012d}.pt") if self.run_dir else None
+        if path is None or not self.milestone_every or images % self.milestone_every or not path.is_file():
+            raise UsageError(f"no checkpoint of this run at {images} images (kept every {self.milestone_every or '-'}"
+                             " images; runs of earlier versions keep only the last): use another --out")
+        return load_run(path, "ema" if which == "ema" else "model")[0]
+
+
+def milestone_images(cfg: Any) -> int:
+    """The spacing of the kept checkpoints: a twelfth of the run, in whole batches."""
+    batch = cfg.train.batch_size
+    return batch * max(1, cfg.train.total_images // batch // 12)
 
 
 def train_diffusers(cfg: Any, images: torch.Tensor, *, seed: int, threads: int = 1) -> ArmResult:
@@ -113,13 +132,22 @@ def train_diffusers(cfg: Any, images: torch.Tensor, *, seed: int, threads: int =
 
 def recipe_key(cfg_path: Path, overrides: list[str], shards: Path, seed: int, nproc: int) -> str:
     """What makes two runs of the ours arm the same training: the config file, overrides, data, seed, ranks."""
-    text = json.dumps([Path(cfg_path).read_text(), list(overrides), str(shards), seed, nproc])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    parts = [Path(cfg_path).read_text(), list(overrides), str(shards), seed, nproc]
+    recipe = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
+    if recipe and recipe[-1].lower() not in ("", "none", "null", "false", "off"):  # the recipe's keys, not its name
+        from trainer.recipes import read_recipe
+
+        parts.append(read_recipe(recipe[-1])[0].read_text())
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def train_ours(cfg_path: Path, overrides: list[str], run_dir: Path, shards: Path, *, seed: int,
-               nproc: int = 2) -> ArmResult:
-    """The real loop under torchrun (nproc ranks, one thread each), or the finished run of an earlier command."""
+               nproc: int = 2, milestone_every: int = 0) -> ArmResult:
+    """The real loop under torchrun (nproc ranks, one thread each), or the finished run of an earlier command.
+
+    ``milestone_every``: keep a checkpoint at every multiple of this many images (not part of the
+    recipe: checkpoints do not change the trajectory).
+    """
     key = recipe_key(cfg_path, overrides, shards, seed, nproc)
     record_path = run_dir / "train_record.json"
     if record_path.is_file():
@@ -129,9 +157,11 @@ def train_ours(cfg_path: Path, overrides: list[str], run_dir: Path, shards: Path
                              "use another --out")
         models = {w: load_run(run_dir, "ema" if w == "ema" else "model")[0] for w in ("ema", "raw")}
         losses = [tuple(x) for x in record["losses"]]
-        return ArmResult(models, losses, record["wall_s"], record["images"], record["cores"], reused=True)
+        return ArmResult(models, losses, record["wall_s"], record["images"], record["cores"], reused=True,
+                         run_dir=run_dir, milestone_every=record.get("milestone_every", 0))
+    keep = [f"checkpoint.every_images={milestone_every}", f"checkpoint.milestone_every_images={milestone_every}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(TRAINER_MAIN), "--config", str(cfg_path), *overrides,
+           str(TRAINER_MAIN), "--config", str(cfg_path), *overrides, *(keep if milestone_every else []),
            f"run.dir={run_dir}", f"data.shards={shards}", f"run.seed={seed}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("WORLD_SIZE", None)
@@ -147,8 +177,8 @@ def train_ours(cfg_path: Path, overrides: list[str], run_dir: Path, shards: Path
     losses = [(step * batch, value) for step, value in tb_scalars(run_dir, "train/loss")]
     images = int(saved["train"]["total_images"])
     write_json(record_path, {"recipe": key, "command": cmd, "wall_s": wall, "images": images, "cores": nproc,
-                             "losses": losses})
-    return ArmResult(models, losses, wall, images, nproc)
+                             "losses": losses, "milestone_every": milestone_every})
+    return ArmResult(models, losses, wall, images, nproc, run_dir=run_dir, milestone_every=milestone_every)
 
 
 def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:

@@ -15,7 +15,11 @@ q90 images of 200 to 640 px in any aspect ratio, as img2dataset writes them.
 Arms (--arms, comma-separated; default ceiling,loader,webdataset,startup), medians of --repeats
 interleaved runs of --seconds each:
   ceiling     one process, one thread, no I/O: decode only, and decode + bring to --size
-  loader      data_pipeline's loader for one rank: --workers workers, uint8 batches of --batch, flips
+  loader      data_pipeline's loader for one rank in its default global order (samples read by byte
+              range, the same global batches on any cluster): --workers workers, uint8 batches of
+              --batch, flips
+  streaming   the same loader in the streaming order (data.order=streaming: per-worker shard streams,
+              the order of pipe: sources and of the loader before the global order)
   webdataset  webdataset's own pipeline doing the same work: decode("pil"), Resize + CenterCrop,
               flip, PILToTensor, batched into uint8 by the DataLoader, --workers workers
   recipe      the usual recipe: as webdataset, but ToTensor + Normalize to [-1, 1] float in the workers
@@ -45,8 +49,8 @@ from benchmarks import timing
 from benchmarks.timing import UsageError
 
 MODULE = "benchmarks.loader"
-ARMS = ("ceiling", "loader", "webdataset", "recipe", "memory", "startup")
-STREAMS = ("loader", "webdataset", "recipe", "memory")
+ARMS = ("ceiling", "loader", "streaming", "webdataset", "recipe", "memory", "startup")
+STREAMS = ("loader", "streaming", "webdataset", "recipe", "memory")
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, set[str]]:
@@ -81,7 +85,7 @@ def check(args: argparse.Namespace, given: set[str]) -> list[str]:
     if args.shards:
         timing.refuse_unused(given, ["varied", "images"], "with --shards: your shards are measured as they are "
                              "(--varied and --images shape generated shards)")
-    if not {"loader", "webdataset", "recipe", "startup"} & set(chosen):
+    if not {"loader", "streaming", "webdataset", "recipe", "startup"} & set(chosen):
         timing.refuse_unused(given, ["workers"], f"with --arms {args.arms} (no arm starts workers)")
     if not set(STREAMS) & set(chosen):
         timing.refuse_unused(given, ["batch"], f"with --arms {args.arms} (no arm makes batches)")
@@ -174,8 +178,9 @@ def run(args: argparse.Namespace, chosen: list[str], argv: Sequence[str] | None)
                   f"{c['decode_to_size']['images_per_cpu_s']:6.0f} per CPU-s")
         streams = {}
         for name in (a for a in STREAMS if a in chosen):
-            if name == "loader":
-                streams[name] = arms.ours(spec, size, args.workers, args.batch, args.seconds)
+            if name in ("loader", "streaming"):
+                streams[name] = arms.ours(spec, size, args.workers, args.batch, args.seconds,
+                                          "global" if name == "loader" else "streaming")
             elif name == "memory":
                 streams[name] = arms.memory(spec, size, args.batch, args.seconds)
             else:
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace, chosen: list[str], argv: Sequence[str] | None)
             print(f"{name:<10} {r['images_per_s']:8.0f} img/s wall ({per}{r['images_per_cpu_s']:6.0f} img per "
                   f"{'worker ' if name != 'memory' else ''}CPU-s{share}); batches {r['dtype']} {r['batch_shape']}; "
                   f"runs {', '.join(f'{x:.0f}' for x in r['runs_images_per_s'])}")
-        for other in ("webdataset", "recipe"):
+        for other in ("streaming", "webdataset", "recipe"):
             if "loader" in results and other in results:
                 lo, ot = results["loader"], results[other]
                 results[f"loader_over_{other}"] = {"wall": lo["images_per_s"] / ot["images_per_s"],

@@ -121,11 +121,13 @@ def loader_cfg(spec: str, size: int, workers: int, **kw: Any) -> DataConfig:
     return DataConfig(shards=spec, image_size=size, num_workers=workers, hflip=True, prefetch_factor=4, **kw)
 
 
-def ours(spec: str, size: int, workers: int, batch: int, seconds: float) -> Callable[[], dict[str, Any]]:
-    """One measurement of data_pipeline's loader (a fresh one, so each repeat starts its workers)."""
+def ours(spec: str, size: int, workers: int, batch: int, seconds: float,
+         order: str = "global") -> Callable[[], dict[str, Any]]:
+    """One measurement of data_pipeline's loader in ``order`` (a fresh one, so each repeat starts its workers)."""
 
     def run() -> dict[str, Any]:
-        lo = build_loader(loader_cfg(spec, size, workers), batch_size=batch, rank=0, world_size=1, seed=0)
+        lo = build_loader(loader_cfg(spec, size, workers, order=order), batch_size=batch, rank=0, world_size=1,
+                          seed=0)
         try:
             return timing.stream_rate(lo, seconds)
         finally:

@@ -5,6 +5,7 @@
     python -m benchmarks.trainer --config celebahq_256 --measure ema              # EMA fused vs per-tensor loop
     python -m benchmarks.trainer --config quickstart --measure layout --threads 1 # CPU step input layout
     python -m benchmarks.trainer --config celebahq_256 --measure grad_handoff     # DDP's gradient hand-off
+    python -m benchmarks.trainer --config celebahq_256 --measure draws --batch-per-gpu 16  # per-sample draws
 
 Measurements (--measure, comma-separated; default step,ema):
   step          the trainer's own step on its own loader (the config's shards, --shards, or --synthetic
@@ -15,6 +16,9 @@ Measurements (--measure, comma-separated; default step,ema):
   grad_handoff  DDP's gradient hand-off for as many gradients as the model has: copied into the
                 bucket with the 1/world division (the trainer: grads set to None) vs kept in the
                 bucket (zero, accumulate, divide), interleaved
+  draws         what drawing t and eps per sample from (seed, global sample index) costs (the
+                trainer's DiffusionLoss.draws: the same draws on any cluster) against one batched draw
+                from a per-rank generator (the trainer before), next to one fwd+bwd, interleaved
 Figures are medians over --repeats after --warmup; comparisons give the ratio to the first arm.
 """
 
@@ -43,7 +47,7 @@ from benchmarks.trainer_internals import (
 )
 
 MODULE = "benchmarks.trainer"
-MEASURES = ("step", "ema", "layout", "grad_handoff")
+MEASURES = ("step", "ema", "layout", "grad_handoff", "draws")
 # Dense bf16 peak of the GPUs we run on (tensor cores, no sparsity), for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -174,6 +178,44 @@ def bench_layout(cfg: Any, batch: int, repeats: int, warmup: int, device: torch.
             "channels_last_over_contiguous": s["channels_last"]["ratio"], "runs_s": runs}
 
 
+def bench_draws(cfg: Any, batch: int, repeats: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    """Per-sample draws (trainer.loss) vs one batched draw, and one fwd+bwd for scale; interleaved."""
+    torch.manual_seed(0)
+    rig = StepRig(cfg, device)
+    loss = rig.make_loss(rig.memory_format) if hasattr(rig, "memory_format") else rig.make_loss(
+        torch.contiguous_format if device.type != "cuda" else torch.channels_last)
+    data = random_batch(cfg, batch, device)
+    shape = tuple(data["image"].shape[1:])
+    T = cfg.diffusion.timesteps
+    gen = torch.Generator(device=device)
+    positions = range(1_000_000, 1_000_000 + batch)
+
+    def per_sample() -> None:
+        loss.draws(positions, shape)
+
+    def batched() -> None:  # one generator per rank and step: the same draws only on the same cluster
+        gen.manual_seed(12345)
+        torch.randint(0, T, (batch,), generator=gen, device=device)
+        torch.randn((batch, *shape), generator=gen, device=device)
+
+    def step() -> None:
+        rig.forward_backward(data, loss=loss)
+        rig.optimizer.zero_grad(set_to_none=True)
+
+    runs = timing.time_arms({"batched": batched, "per_sample": per_sample, "fwd_bwd": step}, repeats,
+                            max(warmup, 1), device)
+    s = timing.summarize(runs)
+    extra = s["per_sample"]["median"] - s["batched"]["median"]
+    print(f"draws: batch {batch} of {shape}, {device}, median of {repeats}")
+    print(f"  one batched draw (per rank)      {s['batched']['median'] * 1e3:9.3f} ms")
+    print(f"  per-sample draws (any cluster)   {s['per_sample']['median'] * 1e3:9.3f} ms  "
+          f"({s['per_sample']['ratio']:.1f}x)")
+    print(f"  one fwd+bwd of the same batch    {s['fwd_bwd']['median'] * 1e3:9.1f} ms: the per-sample draws add "
+          f"{100 * extra / s['fwd_bwd']['median']:.2f}% to it")
+    return {"batch": batch, "shape": list(shape), "ms": {k: v["median"] * 1e3 for k, v in s.items()},
+            "extra_over_fwd_bwd": extra / s["fwd_bwd"]["median"], "runs_s": runs}
+
+
 def bench_grad_handoff(cfg: Any, repeats: int, warmup: int, device: torch.device, world: int = 2) -> dict[str, Any]:
     """DDP's hand-off of as many gradients as the model has: copy with 1/world vs zero, accumulate, divide."""
     from models.unet import UNet
@@ -229,8 +271,8 @@ def setup(args: argparse.Namespace) -> tuple[Any, list[str], torch.device, tempf
         raise UsageError("--shards and --synthetic feed the step only: add step to --measure")
     if args.shards and args.synthetic:
         raise UsageError("--shards and --synthetic exclude each other: time your shards or generated images")
-    if args.batch_per_gpu and not {"step", "layout"} & set(measures):
-        raise UsageError("--batch-per-gpu sets the batch of step and layout: add one of them to --measure")
+    if args.batch_per_gpu and not {"step", "layout", "draws"} & set(measures):
+        raise UsageError("--batch-per-gpu sets the batch of step, layout and draws: add one of them to --measure")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     if args.threads < 0 or args.synthetic < 0 or args.batch_per_gpu < 0:
@@ -277,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["layout"] = bench_layout(cfg, batch, args.repeats, args.warmup, device)
             if "grad_handoff" in measures:
                 results["grad_handoff"] = bench_grad_handoff(cfg, args.repeats, args.warmup, device)
+            if "draws" in measures:
+                batch = args.batch_per_gpu or cfg.train.batch_per_gpu or cfg.train.batch_size
+                results["draws"] = bench_draws(cfg, batch, args.repeats, args.warmup, device)
         finally:
             if tmp is not None:
                 tmp.cleanup()

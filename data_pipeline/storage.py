@@ -177,6 +177,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Writer, *, needed:
     if needed is None and isinstance(data, bytes | bytearray):
         needed = len(data)
     try:
+        if (gone := vanished(path)) is not None:
+            raise gone  # never re-create its folders on the filesystem below
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             if callable(data):
@@ -190,12 +192,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Writer, *, needed:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        fault = e if is_fault(e) else find_fault(e)
-        if fault is not None:
-            raise storage_error(fault, path, needed=needed, what=what, fix=fix) from e
-        raise
+        _fail(e, tmp, path, needed, what, fix)
     return path
 
 
@@ -206,6 +203,8 @@ def atomic_open(path: str | os.PathLike, *, needed: int | None = None, what: str
     path = Path(path)
     tmp = tmp_path(path)
     try:
+        if (gone := vanished(path)) is not None:
+            raise gone
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             yield f
@@ -214,12 +213,20 @@ def atomic_open(path: str | os.PathLike, *, needed: int | None = None, what: str
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        fault = e if is_fault(e) else find_fault(e)
-        if fault is not None:
-            raise storage_error(fault, path, needed=needed, what=what, fix=fix) from e
-        raise
+        _fail(e, tmp, path, needed, what, fix)
+
+
+def _fail(e: BaseException, tmp: Path, path: Path, needed: int | None, what: str, fix: str) -> None:
+    """After a failed write: remove the temporary file; raise the one-line StorageError of a storage
+    fault (a watched directory that went away explains any error, e.g. a rename that found no
+    folder), else ``e`` unchanged."""
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+    fault = vanished(path) or (e if is_fault(e) else find_fault(e))
+    if fault is None:
+        raise e
+    err = storage_error(fault, path, needed=needed, what=what, fix=fix)
+    raise err from (None if err is e else e)
 
 
 def atomic_link(src: str | os.PathLike, dst: str | os.PathLike, *, what: str = "") -> Path:
@@ -284,13 +291,15 @@ def reserve_check(directory: str | os.PathLike, needed: int) -> tuple[bool, int 
     return (free is None or free >= needed), free
 
 
+
 class DirWatch:
     """Notices when a directory's filesystem goes away under a running job.
 
     After ``umount -l`` (or a replaced mount, or a lost network filesystem) the same path names
-    another directory, or none: writers that create missing folders would then write beside the
-    user's data on the filesystem below, and writers holding open files would write into a
-    detached one. ``fault()`` compares the directory's (device, inode) with those at start.
+    another directory, or none: a writer that creates missing folders would then write beside the
+    user's data on the filesystem below, and one holding an open file into a detached one.
+    ``fault()`` compares the directory's (device, inode) with those it had when watched. Watches
+    made by ``watch_dir`` are checked by every write of this module under their directory.
     """
 
     def __init__(self, path: str | os.PathLike, what: str = "run directory") -> None:
@@ -312,3 +321,27 @@ class DirWatch:
         return StorageError(
             f"the {self.what} {self.path} went away while the job was writing to it (its filesystem was "
             f"unmounted, replaced or lost): remount it, then {RETRY_HINT}", self.path, "vanished", errno.ENODEV)
+
+    def close(self) -> None:
+        """Stop checking writes under this directory."""
+        with contextlib.suppress(ValueError):
+            _watched.remove(self)
+
+
+_watched: list[DirWatch] = []
+
+
+def watch_dir(path: str | os.PathLike, what: str = "run directory") -> DirWatch:
+    """From now on every write under ``path`` first checks that it is still the same directory."""
+    w = DirWatch(path, what)
+    _watched.append(w)
+    return w
+
+
+def vanished(path: str | os.PathLike) -> StorageError | None:
+    """The fault of a watched directory holding ``path`` that went away, else None (one stat per watch)."""
+    p = Path(path).absolute()
+    for w in list(_watched):
+        if p.is_relative_to(w.path) and (gone := w.fault()) is not None:
+            return gone
+    return None

@@ -6,8 +6,11 @@ to the working dtype (at least float32) on use. By default everything is the
 paper's: linear betas 1e-4..0.02 over T=1000, eps prediction, the simple loss
 (eq. 14), ancestral sampling (Algorithm 2) with clipped x0 and sigma^2 = beta
 ("fixedlarge"). Opt-in: the cosine schedule (Nichol & Dhariwal 2021), x0 or v
-targets, DDIM (Song et al. 2021) with eta and respacing, classifier-free
-guidance (Ho & Salimans 2022).
+targets, DDIM (Song et al. 2021) with eta, respacing and either eps convention,
+classifier-free guidance (Ho & Salimans 2022), and the faster-training options
+of the "fast" recipe (configs/recipes/fast.yaml): min-SNR-gamma loss weights
+(Hang et al. 2023), log-normal (EDM, Karras et al. 2022) or logit-normal (SD3,
+Esser et al. 2024) timestep sampling, zero terminal SNR (Lin et al. 2024).
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ _TARGETS = ("eps", "x0", "v")
 _SAMPLERS = ("ddpm", "ddim")
 _VAR_TYPES = ("fixedlarge", "fixedsmall")
 _SPACINGS = ("leading", "trailing")
+_LOSS_WEIGHTS = ("uniform", "min_snr")
+_T_SAMPLING = ("uniform", "lognormal", "logit_normal")
+# Published (location, scale) of each timestep distribution: EDM's P_mean, P_std over ln sigma;
+# SD3's logit-normal(0, 1) over t / T.
+T_SAMPLING_DEFAULTS = {"lognormal": (-1.2, 1.2), "logit_normal": (0.0, 1.0)}
+# DDIM's direction term: "model" keeps the model's eps (diffusers' DDIMScheduler default,
+# use_clipped_model_output=False); "clipped" recomputes eps from the clipped x0 (guided-diffusion,
+# diffusers' use_clipped_model_output=True). README "Convergence check" measures both.
+DDIM_EPS = ("model", "clipped")
+DDIM_EPS_DEFAULT = "model"
 
 
 @dataclass
@@ -36,6 +49,20 @@ class DiffusionConfig:
     beta_end: float = field(default=0.02, metadata={"help": "beta_T of the linear schedule"})
     target: str = field(default="eps", metadata={"help": "what the model predicts: eps (paper) | x0 | v"})
     cosine_s: float = field(default=0.008, metadata={"help": "offset s of the cosine schedule"})
+    loss_weight: str = field(default="uniform", metadata={
+        "help": "per-t loss weight: uniform (paper, eq. 14) | min_snr (Hang et al. 2023: min(SNR_t, gamma) on the "
+                "x0 error, i.e. min(SNR, gamma)/SNR for eps, /(SNR+1) for v)"})
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "gamma of loss_weight=min_snr (Hang et al.: 5)"})
+    t_sampling: str = field(default="uniform", metadata={
+        "help": "training timesteps: uniform (paper) | lognormal (EDM: ln sigma_t ~ N(t_mean, t_std^2)) | "
+                "logit_normal (SD3: logit(t/T) ~ N(t_mean, t_std^2))"})
+    t_mean: float | None = field(default=None, metadata={
+        "help": "location of t_sampling's normal; null = the published one (lognormal -1.2, logit_normal 0)"})
+    t_std: float | None = field(default=None, metadata={
+        "help": "scale of t_sampling's normal; null = the published one (lognormal 1.2, logit_normal 1)"})
+    zero_terminal_snr: bool = field(default=False, metadata={
+        "help": "rescale the schedule to abar_T = 0 (Lin et al. 2024, Alg. 1); needs target v or x0; samplers "
+                "then start at t = T-1 (trailing spacing)"})
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -52,6 +79,25 @@ class DiffusionConfig:
             )
         if self.cosine_s < 0:
             raise ValueError(f"diffusion.cosine_s: expected >= 0, got {self.cosine_s}")
+        if self.loss_weight not in _LOSS_WEIGHTS:
+            raise ValueError(f"diffusion.loss_weight: expected one of {list(_LOSS_WEIGHTS)}, got {self.loss_weight!r}")
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"diffusion.min_snr_gamma: expected > 0, got {self.min_snr_gamma}")
+        if self.t_sampling not in _T_SAMPLING:
+            raise ValueError(f"diffusion.t_sampling: expected one of {list(_T_SAMPLING)}, got {self.t_sampling!r}")
+        if self.t_sampling == "uniform" and (self.t_mean is not None or self.t_std is not None):
+            raise ValueError("diffusion.t_mean/t_std shape t_sampling=lognormal or logit_normal; with "
+                             "t_sampling=uniform set them to null")
+        if self.t_std is not None and not self.t_std > 0:
+            raise ValueError(f"diffusion.t_std: expected > 0, got {self.t_std}")
+        if self.zero_terminal_snr and self.target == "eps":
+            raise ValueError("diffusion.zero_terminal_snr: an eps model cannot give x0 at SNR 0 (x0 = (x_T - eps) / 0; "
+                             "Lin et al. 2024): set diffusion.target=v")
+
+    def t_params(self) -> tuple[float, float]:
+        """(location, scale) of the timestep distribution's normal: the configured or published ones."""
+        loc, scale = T_SAMPLING_DEFAULTS.get(self.t_sampling, (0.0, 1.0))
+        return (loc if self.t_mean is None else self.t_mean, scale if self.t_std is None else self.t_std)
 
 
 def make_betas(cfg: DiffusionConfig) -> Tensor:
@@ -59,11 +105,45 @@ def make_betas(cfg: DiffusionConfig) -> Tensor:
     cfg.validate()
     T = cfg.timesteps
     if cfg.schedule == "linear":
-        return torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
-    # cosine: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), betas capped at 0.999 (Nichol & Dhariwal eq. 17)
-    steps = torch.arange(T + 1, dtype=torch.float64) / T
-    abar = torch.cos((steps + cfg.cosine_s) / (1 + cfg.cosine_s) * math.pi / 2) ** 2
-    return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+    else:
+        # cosine: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), betas capped at 0.999 (Nichol & Dhariwal eq. 17)
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        abar = torch.cos((steps + cfg.cosine_s) / (1 + cfg.cosine_s) * math.pi / 2) ** 2
+        betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+    return rescale_zero_terminal_snr(betas) if cfg.zero_terminal_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas whose sqrt(abar) is shifted and scaled to end at 0 and keep sqrt(abar_1) (Lin et al. 2024, Alg. 1)."""
+    sqrt_abar = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)  # sqrt(abar_T) = 0, sqrt(abar_1) unchanged
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas  # beta_T = 1: x_T is pure noise
+
+
+def timestep_cdf(cfg: DiffusionConfig, alphas_cumprod: Tensor) -> Tensor:
+    """CDF (T,) float64 of the training timestep distribution: P(t <= k) for k = 0..T-1.
+
+    uniform: (k + 1) / T. lognormal (EDM, Karras et al. 2022, Table 1): ln sigma ~ N(m, s^2) with
+    sigma_t = sqrt((1 - abar_t) / abar_t); t holds the mass of ln sigma between the midpoints to
+    its neighbours' ln sigma. logit_normal (SD3, Esser et al. 2024, "logit-normal sampling"): logit(tau) ~ N(m, s^2)
+    for tau = t / T in [0, 1); t holds tau in [k / T, (k + 1) / T). Both are closed forms in Phi.
+    """
+    T = int(alphas_cumprod.shape[0])
+    if cfg.t_sampling == "uniform":
+        return torch.arange(1, T + 1, dtype=torch.float64) / T
+    m, s = cfg.t_params()
+    if cfg.t_sampling == "lognormal":
+        log_sigma = 0.5 * (torch.log1p(-alphas_cumprod) - torch.log(alphas_cumprod))  # +inf where abar = 0
+        edges = (log_sigma[1:] + log_sigma[:-1]) / 2  # (T - 1,) upper edge of t = 0..T-2
+    else:
+        tau = torch.arange(1, T, dtype=torch.float64) / T
+        edges = torch.log(tau) - torch.log1p(-tau)  # logit of the upper edge of t = 0..T-2
+    phi = 0.5 * torch.special.erfc(-(edges - m) / (s * math.sqrt(2.0)))  # standard normal CDF
+    return torch.cat([phi, torch.ones(1, dtype=torch.float64)])
 
 
 def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
@@ -129,6 +209,7 @@ class GaussianDiffusion:
         # eq. 7: mu~ = coef1 * x0 + coef2 * x_t
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
+        self.t_cdf = timestep_cdf(cfg, abar)  # (T,) the training timesteps' inverse-CDF table
 
     _BUFFERS = (
         "betas",
@@ -142,6 +223,7 @@ class GaussianDiffusion:
         "posterior_log_variance_clipped",
         "posterior_mean_coef1",
         "posterior_mean_coef2",
+        "t_cdf",
     )
 
     def to(self, device: torch.device | str) -> GaussianDiffusion:
@@ -171,14 +253,49 @@ class GaussianDiffusion:
         return _bcast(buf.to(t.device)[t].to(dtype), x.ndim)
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> Tensor:
-        """Uniform training timesteps (B,) in [0, T) (the paper's t ~ U{1..T})."""
+        """Training timesteps (B,) in [0, T) of the configured distribution (paper: t ~ U{1..T})."""
         gen_device = generator.device if generator is not None else device
-        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device).to(device)
+        if self.cfg.t_sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device).to(device)
+        u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
+        return self.timesteps_from_uniform(u).to(device)
 
     def timesteps_from_uniform(self, u: Tensor) -> Tensor:
         """Training timesteps (B,) in [0, T) from uniforms u in [0, 1) by the inverse CDF of the
-        timestep distribution (the paper's t ~ U{1..T}): per-sample draws stay one number each."""
-        return (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
+        timestep distribution (timestep_cdf): per-sample draws stay one number each."""
+        if self.cfg.t_sampling == "uniform":  # the paper's t ~ U{1..T}, kept bit for bit
+            return (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
+        # t = #{k : CDF(k) <= u}, so P(t = k) = CDF(k) - CDF(k - 1)
+        cdf = self.t_cdf.to(u.device)
+        return torch.searchsorted(cdf, u.to(torch.float64).contiguous(), right=True).clamp_(max=self.num_timesteps - 1)
+
+    def timestep_probs(self) -> Tensor:
+        """P(t = k) (T,) float64 of the training timestep distribution."""
+        return torch.diff(self.t_cdf, prepend=self.t_cdf.new_zeros(1))
+
+    def snr(self, t: Tensor) -> Tensor:
+        """SNR_t = abar_t / (1 - abar_t) (B,) float64 (Kingma et al. 2021); 0 at a zero-terminal-SNR t = T-1."""
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar / (1.0 - abar)
+
+    def loss_weights(self, t: Tensor) -> Tensor:
+        """Per-sample weights (B,) float32 of the configured target's loss (all 1 for the paper's uniform).
+
+        min_snr (Hang et al. 2023): weight min(SNR_t, gamma) on ||x0 - x0_hat||^2. The eps error is
+        sqrt(SNR) times the x0 error and the v error sqrt(SNR + 1) times it, so the same weighting
+        is min(SNR, gamma) / SNR = min(1, gamma / SNR) on the eps loss (finite at SNR 0),
+        min(SNR, gamma) on the x0 loss and min(SNR, gamma) / (SNR + 1) on the v loss.
+        """
+        if self.cfg.loss_weight == "uniform":
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        snr, gamma = self.snr(t), self.cfg.min_snr_gamma
+        if self.cfg.target == "eps":
+            w = (gamma / snr).clamp(max=1.0)
+        elif self.cfg.target == "x0":
+            w = snr.clamp(max=gamma)
+        else:
+            w = snr.clamp(max=gamma) / (snr + 1.0)
+        return w.float()
 
     # ---- forward process and loss ----------------------------------------------------------------
 
@@ -264,14 +381,17 @@ class GaussianDiffusion:
         intermediate_steps: int = 10,
         device: torch.device | str = "cpu",
         progress: bool = False,
-        spacing: str = "leading",
+        spacing: str | None = None,
         clip_denoised: bool = True,
+        ddim_eps: str = DDIM_EPS_DEFAULT,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Draw len(seeds) images (N, C, H, W) in [-1, 1]; image k depends only on seeds[k] and y[k].
 
         ddpm: ancestral sampling (Algorithm 2) with clipped x0, sigma^2 = beta (fixedlarge) or
-        beta~ (fixedsmall); respaced if steps < T. ddim: eta-DDIM with eps recomputed from the
-        clipped x0. steps=None means all T steps. With return_intermediates, also returns about
+        beta~ (fixedsmall); respaced if steps < T. ddim: eta-DDIM (eq. 12) whose direction term uses
+        the model's eps (ddim_eps="model", diffusers' default) or eps recomputed from the clipped x0
+        ("clipped", guided-diffusion). steps=None means all T steps; spacing=None is leading, or
+        trailing on a zero-terminal-SNR schedule (Lin et al. 2024: start at t = T-1, SNR 0). With return_intermediates, also returns about
         intermediate_steps snapshots of x_t (x_T first, the result last) on the CPU.
         Image k's x_T and noise are bit-identical however seeds are batched; the model's own
         arithmetic may still round differently per batch size (backend conv/GEMM kernels, ~1e-7).
@@ -288,6 +408,9 @@ class GaussianDiffusion:
             raise ValueError("seeds: expected at least one seed")
         if eta < 0:
             raise ValueError(f"eta: expected >= 0, got {eta}")
+        if ddim_eps not in DDIM_EPS:
+            raise ValueError(f"ddim_eps: expected one of {list(DDIM_EPS)}, got {ddim_eps!r}")
+        spacing = spacing or ("trailing" if self.cfg.zero_terminal_snr else "leading")
         n = len(seeds)
         device = torch.device(device)
         if y is not None:
@@ -320,7 +443,7 @@ class GaussianDiffusion:
                 a_t = abar[t]
                 a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
                 out = self._guided_output(model, x, t, y, guidance_scale)
-                x0, _ = self.predict_x0_eps(out, x, a_t)
+                x0, eps = self.predict_x0_eps(out, x, a_t)
                 if clip_denoised:
                     x0 = x0.clamp(-1.0, 1.0)  # the paper's sampler clips the predicted x0
                 last = i + 1 == len(ts)
@@ -334,7 +457,8 @@ class GaussianDiffusion:
                     if not last:  # Algorithm 2: z = 0 at the final step
                         x = x + math.sqrt(var) * noise_like()
                 else:
-                    eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
+                    if ddim_eps == "clipped":  # the eps that the clipped x0 implies
+                        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
                     # DDIM eq. 16: sigma = eta sqrt((1 - a_prev)/(1 - a_t)) sqrt(1 - a_t/a_prev)
                     sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
                     x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps

@@ -189,6 +189,8 @@ def diffusers_scheduler_config(cfg: DiffusionConfig) -> dict:
         "timestep_spacing": "leading",
         "steps_offset": 0,
     }
+    if cfg.zero_terminal_snr:  # Lin et al. 2024: diffusers rescales the same way and samples from t = T-1
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     if cfg.schedule == "cosine":
         if cfg.cosine_s == _DIFFUSERS_COSINE_S:
             config["beta_schedule"] = "squaredcos_cap_v2"

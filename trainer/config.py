@@ -11,20 +11,18 @@ module imports nothing of the trainer: every other trainer module may import it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from data_pipeline.config import DataConfig, SetupError
-from models.diffusion import DiffusionConfig
+from data_pipeline.config import DataConfig
+from models.diffusion import DDIM_EPS, DiffusionConfig
 from models.unet import UNetConfig
+from trainer.config_parse import ConfigError, merge_into, parse_override, set_dotted
 from trainer.config_sections import (
     CheckpointConfig,
     DistConfig,
@@ -35,10 +33,7 @@ from trainer.config_sections import (
     TrainConfig,
 )
 from trainer.ema_math import SIGMA_REL_WIDEST
-
-
-class ConfigError(SetupError):
-    """A configuration problem, reported to the user without a traceback (exit code 2)."""
+from trainer.recipes import read_recipe, read_yaml, recipe_name, recipe_notes
 
 
 @dataclass
@@ -95,6 +90,9 @@ ADDED_KEYS: dict[str, Any] = {
     "data.order": "streaming",  # runs before the global order read per-worker shard streams
     "data.shuffle_shards": 8,
     "ema.sigma_rels": (),  # runs before power-function EMA profiles tracked fixed decays only
+    # runs before the faster-training options trained the paper's way
+    "diffusion.loss_weight": "uniform", "diffusion.min_snr_gamma": 5.0, "diffusion.t_sampling": "uniform",
+    "diffusion.t_mean": None, "diffusion.t_std": None, "diffusion.zero_terminal_snr": False,
 }
 
 
@@ -107,134 +105,6 @@ def adopt_added_keys(cfg: Config, saved: dict[str, Any]) -> list[str]:
             set_dotted(cfg, key, list(before) if isinstance(before, tuple) else before)
             notes.append(f"{key}={before!r}: this run started before the key existed, so it continues as it began")
     return notes
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is tuple:
-        example = f"{key}=[1,2]" if args and args[0] in (int, float) else f"{key}=[a,b]"
-        if isinstance(value, str) and "," in value:
-            raise ConfigError(f"{key}: expected a list, got {value!r}: write lists in brackets, e.g. {example}")
-        if isinstance(value, int | float | str) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list such as {example}, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    leaf = key.rsplit(".", 1)
-    prefix = leaf[0] + "." if len(leaf) == 2 else ""
-    name = leaf[-1]
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def _merge_into(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
-    """Set fields of dataclass ``obj`` from a nested dict, with checks."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = _hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise _unknown_key(key, names)
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            _merge_into(getattr(obj, k), v, key + ".")
-        else:
-            setattr(obj, k, _coerce(v, tp, key))
-
-
-def set_dotted(cfg: Config, key: str, value: Any) -> None:
-    """Apply one dotted override such as ``train.batch_size=32`` (value already YAML-parsed)."""
-    parts = key.split(".")
-    nested: Any = value
-    for p in reversed(parts):
-        nested = {p: nested}
-    _merge_into(cfg, nested)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``key=value`` and parse the value as YAML (lists, numbers, booleans)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.batch_size=32)")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
 
 
 # Pairs of keys that describe one thing. A key given on the command line wins over the other key
@@ -285,32 +155,48 @@ def _check_pairs(cfg: Config, given: dict[str, Any], where: str) -> None:
                           f"{cfg.model.num_head_channels} both set the attention heads ({where}): set one of them")
 
 
+def _config_yaml(read: Any, arg: Any) -> Any:
+    """``read(arg)`` with its ValueError (bad YAML, unknown recipe) as a ConfigError."""
+    try:
+        return read(arg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 notes: list[str] | None = None) -> Config:
-    """Build the config: defaults, then the YAML file, then the dotted CLI overrides.
+    """Build the config: defaults < a recipe (trainer.recipes) < the YAML file < the dotted CLI overrides.
 
-    ``notes`` (if given) receives one line per file key that a command-line key replaced.
+    ``notes`` (if given) receives the recipe's keys and one line per file key that a later source replaced.
     """
+    notes = notes if notes is not None else []
     cfg = Config()
     file_keys: dict[str, Any] = {}
+    data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        _merge_into(cfg, data)
-        file_keys = flatten(data) if isinstance(data, dict) else {}
-        _check_pairs(cfg, file_keys, f"both in {p.name}")
+        data = _config_yaml(read_yaml, p)
+    pairs = [parse_override(text) for text in overrides]
+    recipe = recipe_name(data, pairs)
+    data = {k: v for k, v in data.items() if k != "recipe"}
+    if recipe:  # defaults < recipe < file < command line
+        rpath, rdata = _config_yaml(read_recipe, recipe)
+        merge_into(cfg, rdata)
+        notes.extend(recipe_notes(recipe, rpath, flatten(rdata), flatten(data)))
+    if path is not None:
+        merge_into(cfg, data)
+        file_keys = flatten(data)
+        _check_pairs(cfg, file_keys, f"both in {Path(path).name}")
     cli: dict[str, Any] = {}
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in pairs:
+        if key == "recipe":
+            continue
         set_dotted(cfg, key, value)
         cli[key] = _get(cfg, key)
     _check_pairs(cfg, cli, "both on the command line")
-    replaced = _resolve_pairs(cfg, set(file_keys), set(cli), notes if notes is not None else [])
+    replaced = _resolve_pairs(cfg, set(file_keys), set(cli), notes)
     # UNetConfig cannot tell an attn_resolutions equal to its default from an unset one; the sources can.
     asked = None if "model.attn_resolutions" in replaced else {**file_keys, **cli}.get("model.attn_resolutions")
     validate_fields(cfg)
@@ -342,6 +228,8 @@ def validate_fields(cfg: Config) -> None:
         raise ConfigError(f"dist.backend: expected auto, nccl or gloo, got {cfg.dist.backend!r}")
     if cfg.log.sample_sampler not in ("ddim", "ddpm"):
         raise ConfigError(f"log.sample_sampler: expected ddim or ddpm, got {cfg.log.sample_sampler!r}")
+    if cfg.log.sample_ddim_eps not in DDIM_EPS:
+        raise ConfigError(f"log.sample_ddim_eps: expected one of {list(DDIM_EPS)}, got {cfg.log.sample_ddim_eps!r}")
     for key in ("train.batch_size", "train.total_images", "checkpoint.every_images", "log.every_images",
                 "checkpoint.keep_last", "train.max_nonfinite_steps"):
         sec, name = key.split(".")
@@ -421,7 +309,7 @@ def to_dict(obj: Any) -> Any:
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict`` output (e.g. from a checkpoint)."""
     cfg = Config()
-    _merge_into(cfg, data)
+    merge_into(cfg, data)
     return cfg
 
 

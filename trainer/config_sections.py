@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.diffusion import DDIM_EPS, DDIM_EPS_DEFAULT
+
 
 def _f(default: Any, help: str) -> Any:
     """A dataclass field with a one-line doc (shorthand used throughout this file)."""
@@ -79,6 +81,8 @@ class LogConfig:
     sample_count: int = _f(64, "images in the sample grid")
     sample_sampler: str = _f("ddim", "sampler for the grid: ddim | ddpm")
     sample_steps: int = _f(50, "sampler steps for the grid")
+    sample_ddim_eps: str = _f(DDIM_EPS_DEFAULT, "DDIM direction term for the grid: model (diffusers' default) | "
+                              "clipped (eps from the clipped x0, guided-diffusion)")
     tensorboard: bool = _f(True, "write TensorBoard event files under <run>/tb")
 
 
@@ -101,6 +105,9 @@ class EvalConfig:
     sampler: str = field(default="ddim", metadata={"help": "sampler for evaluation samples: ddim or ddpm"})
     steps: int = field(default=50, metadata={"help": "sampling steps (0 = the sampler's default: T for ddpm)"})
     eta: float = field(default=0.0, metadata={"help": "DDIM eta (0 = deterministic DDIM)"})
+    ddim_eps: str = field(default=DDIM_EPS_DEFAULT, metadata={
+        "help": "DDIM direction term: model (the model's eps, diffusers' default) | clipped (eps from the clipped "
+                "x0, guided-diffusion); part of the FID protocol"})
     batch_per_gpu: int = field(default=64, metadata={"help": "images sampled (and featurised) per GPU at once"})
     metrics: tuple[str, ...] = field(default=("fid",), metadata={"help": "metrics to compute: fid, is, kid"})
     feature_extractor: str = field(
@@ -128,6 +135,8 @@ class EvalConfig:
             raise ValueError(f"eval.num_samples: need at least 2 for a covariance, got {self.num_samples}")
         if self.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"eval.sampler: expected ddim or ddpm, got {self.sampler!r}")
+        if self.ddim_eps not in DDIM_EPS:
+            raise ValueError(f"eval.ddim_eps: expected one of {list(DDIM_EPS)}, got {self.ddim_eps!r}")
         if self.steps < 0 or self.batch_per_gpu <= 0:
             raise ValueError("eval.steps must be >= 0 and eval.batch_per_gpu > 0")
         if self.val_every_images < 0 or self.val_images < 1:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from data_pipeline.config import SetupError
@@ -40,6 +41,20 @@ class Outcome:
     signal: str | None = None
 
 
+def _written(e: BaseException, fault: OSError) -> tuple[str, str]:
+    """(path, what) a bare OSError was writing: its file name, else torch.compile's cache when the
+    compiler raised it (its ENOSPC from a write() names no file)."""
+    if fault.filename:
+        return str(fault.filename), ""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.startswith(("torch._inductor", "torch._dynamo")):
+            return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "?"), "torch.compile cache"
+        e = e.__cause__ or e.__context__
+    return "?", ""
+
+
 def classify(e: BaseException, *, started: bool = True) -> tuple[int, str | None]:
     """(exit code, one line or None for a crash) for an exception that ended a command.
 
@@ -53,7 +68,8 @@ def classify(e: BaseException, *, started: bool = True) -> tuple[int, str | None
         return EXIT_STORAGE, str(e)
     fault = find_fault(e)
     if fault is not None:
-        err = fault if isinstance(fault, StorageError) else storage_error(fault, fault.filename or "?")
+        path, what = _written(e, fault)
+        err = fault if isinstance(fault, StorageError) else storage_error(fault, path, what=what)
         return (EXIT_STORAGE if started else EXIT_CONFIG), f"storage error: {err}"
     if isinstance(e, NonFiniteLossError):
         return EXIT_ERROR, str(e)

@@ -24,7 +24,7 @@ from trainer.evaluation.validation import pinned_validation_loss, val_fractions
 from trainer.loss import batch_positions
 from trainer.run import Run, build_run, finish_building, save_checkpoint
 from trainer.sampling import sample_grid
-from trainer.startup import claim_run_dir
+from trainer.startup import COMPILE_CACHE, claim_run_dir
 from trainer.step import dropout_seed, lr_at, memory_gb, micro_step, optimizer_step
 
 log = logging.getLogger("ddpm")
@@ -153,7 +153,7 @@ def adopt_earlier_behaviour(cfg: Config) -> list[str]:
 def train(cfg: Config, info: du.DistInfo) -> Outcome:
     """Run (or resume) training in ``cfg.run_dir``; returns the exit code and the agreed stop signal."""
     plan = plan_batches(cfg, info.world_size)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str((cfg.run_dir / "inductor_cache").resolve()))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str((cfg.run_dir / COMPILE_CACHE).resolve()))
     # --- claim the run directory before touching it: the same config on every rank, a writable
     # directory, one live job per run directory (rank 0 holds run.lock), a directory every node
     # sees; then this rank's "last step reached" record with its heartbeat (ranks/rank<k>.json)

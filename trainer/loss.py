@@ -5,6 +5,12 @@ from its own seed, derived from (run.seed, its global sample index): the sample 
 (the p-th image of the run's stream, p = images seen before its step + its place in the global
 batch) gets the same t and eps on 1 or 64 GPUs, with any per-GPU batch, and after any resume.
 Only dropout inside the UNet is drawn per rank (see README: what holds with dropout on).
+
+The timestep is one uniform per sample mapped through ``GaussianDiffusion.timesteps_from_uniform``
+(the inverse CDF of ``diffusion.t_sampling``), so a non-uniform timestep distribution keeps every
+draw per sample. A per-t loss weight (``diffusion.loss_weight``, e.g. min-SNR-gamma) scales each
+sample's gradient; the losses returned keep the unweighted eq. 14 values, so ``train/loss`` and its
+per-t quartiles read the same under every weighting (and match the validation loss).
 """
 
 from __future__ import annotations
@@ -93,4 +99,8 @@ class DiffusionLoss:
                else contextlib.nullcontext())
         with amp:
             losses = self.diffusion.training_losses(model, x0, t, noise, y=y)  # (b,)
+        if self.diffusion.cfg.loss_weight != "uniform":  # the paper's loss is left exactly as it was
+            weighted = self.diffusion.loss_weights(t) * losses
+            # value: the unweighted loss (for logging); gradient: the weighted one's (w_t * dL_t)
+            losses = losses.detach() + (weighted - weighted.detach())
         return losses, t

@@ -151,6 +151,10 @@ def run(argv: list[str] | None = None) -> Outcome:
         if isinstance(e, SystemExit):
             raise
         code, line = classify(e)
+        if code == EXIT_STORAGE and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+            from trainer.startup import remove_compile_partials
+
+            remove_compile_partials(os.environ["TORCHINDUCTOR_CACHE_DIR"], pid=os.getpid())
         if line is None:
             log.error("training failed:\n%s", traceback.format_exc())
             line = f"training failed: {type(e).__name__}: {e} (traceback in {cfg.run_dir}/logs/rank{rank}.log)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.storage import find_fault, is_fault, storage_error
+from data_pipeline.storage import existing_parent, find_fault, is_fault, storage_error
 
 log = logging.getLogger("ddpm")
 
@@ -49,8 +50,10 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             fh = FaultAwareFileHandler(log_file)
-        except OSError as e:  # an unwritable run directory: start-up names it (exit 2); log to the console
-            root.warning("cannot write the log file %s (%s)", log_file, e.strerror or e)
+        except OSError as e:  # log to the console only
+            if not (is_fault(e) and not os.access(existing_parent(log_file), os.W_OK)):
+                root.warning("cannot write the log file %s (%s)", log_file, e.strerror or e)
+            # else an unwritable run directory: start-up's check names it in one line (exit 2)
             return
         fh.setFormatter(fmt)
         root.addHandler(fh)

@@ -171,7 +171,7 @@ def _width(row: dict[str, Any]) -> str:
     if row.get("sigma_rel") is not None:
         return f"{row['sigma_rel']:.4f}"
     approx = row["approx_sigma_rel"]
-    return f"~{approx:.4f}" if approx < SIGMA_REL_WIDEST else "wider than any profile (a short run)"
+    return f"~{approx:.4f}" + ("" if approx < SIGMA_REL_WIDEST else " (wider than any power profile)")
 
 
 def pick_device(name: str) -> torch.device:

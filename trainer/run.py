@@ -169,6 +169,7 @@ def build_run(cfg: Config, plan: BatchPlan, info: du.DistInfo, lock: RunLock | N
                              cfg.checkpoint.milestone_every_images, cfg.checkpoint.async_write)
     if du.is_main():
         ckpt.remove_partial()  # files of a writer killed mid-write
+        startup.remove_compile_partials(run_dir / startup.COMPILE_CACHE)  # and of a compile that met a full disk
     stop = StopRequest(watch=record.watch)  # every step also checks that the run directory is still there
     record.on_fault = stop.note_fault
     if lock is not None:

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.storage import DirWatch, atomic_write, is_fault, tmp_path
+from data_pipeline.storage import atomic_write, is_fault, tmp_path, vanished, watch_dir
 
 log = logging.getLogger("ddpm")
 
@@ -163,11 +163,6 @@ def _write_synced(path: Path, text: str) -> Path:
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` the project's one safe way (data_pipeline.storage.atomic_write)."""
-    atomic_write(path, text, what="run record")
-
-
 def _create_exclusive(path: Path, text: str) -> bool:
     """Create ``path`` with ``text`` only if it does not exist (atomic, NFS safe: a hard link)."""
     tmp = _write_synced(tmp_path(path), text)
@@ -183,10 +178,8 @@ def _create_exclusive(path: Path, text: str) -> bool:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+            os.close(fd)
+            _write_synced(path, text)  # ours alone: we just created it
             return True
     finally:
         with contextlib.suppress(OSError):
@@ -232,7 +225,6 @@ class RunLock:
         self.heartbeat_s = heartbeat_s
         self.lost: str | None = None  # set when another job took the lock over (we stalled too long)
         self.on_fault: Callable[[BaseException], None] | None = None  # a storage fault of the heartbeat
-        self.watch = DirWatch(path.parent)  # a vanished run directory is a fault, not a lost lock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -296,9 +288,9 @@ class RunLock:
         """Refresh the heartbeat (the thread does this every ``heartbeat_s``)."""
         if self.lost:
             return
-        if (vanished := self.watch.fault()) is not None:
+        if (gone := vanished(self.path)) is not None:  # a storage fault, not a lock taken over
             if self.on_fault is not None:
-                self.on_fault(vanished)
+                self.on_fault(gone)
             return
         try:
             current = _read_holder(self.path)
@@ -308,7 +300,7 @@ class RunLock:
                 log.error("%s: this job lost the run directory; stop it", self.lost)
                 return
             self.holder.heartbeat = time.time()
-            _write_atomic(self.path, json.dumps(asdict(self.holder)))
+            atomic_write(self.path, json.dumps(asdict(self.holder)), what="run lock")
         except OSError as e:
             if is_fault(e) and self.on_fault is not None:
                 self.on_fault(e)  # a full or read-only disk: every rank stops at the next step
@@ -325,12 +317,6 @@ class RunLock:
         if current is not None and current.token == self.holder.token:
             with contextlib.suppress(OSError):  # a read-only remount: the next job takes a dead lock over
                 self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # ----------------------------------------------------------------------------- per-rank records
@@ -374,7 +360,7 @@ class StepRecord:
         """``run``: an id every rank of this attempt shares (e.g. drawn by rank 0 and broadcast)."""
         self.path = Path(run_dir) / RANKS_DIR / f"rank{rank:05d}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.watch = DirWatch(run_dir)  # never write into what is left after its filesystem went away
+        self.watch = watch_dir(run_dir)  # from now on no write lands where it was once it went away
         now = time.time()
         self.status = RankStatus(rank=rank, host=socket.gethostname(), pid=os.getpid(), run=run,
                                  started=now, slurm=slurm_attempt(environ), heartbeat=now,
@@ -415,6 +401,7 @@ class StepRecord:
         self._thread.join(timeout=5)
         self.status.state = state
         self._flush()
+        self.watch.close()
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -423,12 +410,8 @@ class StepRecord:
     def _flush(self) -> None:
         with self._lock:
             self.status.heartbeat = time.time()
-            if (vanished := self.watch.fault()) is not None:
-                if self.on_fault is not None:
-                    self.on_fault(vanished)
-                return
             try:
-                _write_atomic(self.path, json.dumps(asdict(self.status)))
+                atomic_write(self.path, json.dumps(asdict(self.status)), what="run record")
             except OSError as e:
                 if is_fault(e) and self.on_fault is not None:
                     self.on_fault(e)  # every rank stops at the next step, with this line

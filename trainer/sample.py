@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from data_pipeline.storage import find_fault, storage_error
+from models.diffusion import DDIM_EPS, DDIM_EPS_DEFAULT
 from trainer import distributed as du
 from trainer.checkpoint import open_for_inference
 from trainer.errors import EXIT_CONFIG, EXIT_OK, StorageFault, classify
@@ -43,12 +44,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--run-dir", required=True, help="run directory (newest complete checkpoint) or checkpoint file")
     p.add_argument("--out", default=None,
-                   help="output folder (default: <run>/samples/<checkpoint>-<sampler>-<steps>-seed<seed>[-g<guidance>]"
+                   help="output folder (default: <run>/samples/<checkpoint>-<sampler>-<steps>-seed<seed>[-eps-clipped][-g<guidance>]"
                         "[-label<label>])")
     p.add_argument("--num-samples", type=int, default=64, help="number of images")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm = the paper's ancestral sampler")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: T for ddpm, 50 for ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--ddim-eps", choices=DDIM_EPS, default=DDIM_EPS_DEFAULT,
+                   help="DDIM direction term: model = the model's eps (diffusers' default), clipped = eps from the "
+                        "clipped x0 (guided-diffusion)")
     p.add_argument("--seed", type=int, default=0, help="base seed: image k's noise derives from (seed, k)")
     p.add_argument("--batch-per-gpu", type=int, default=64, help="images per GPU per sampler call (one chunk)")
     p.add_argument("--guidance", type=float, default=1.0,
@@ -56,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", type=int, default=None,
                    help="class of every image (conditional models; default: image k gets class k %% num_classes)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
+    p.add_argument("--ema-index", type=int, default=0,
+                   help="which EMA profile (0 = the first: the fixed decay on the paper presets; ddpm-ema writes "
+                   "one profile per file)")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.batch_per_gpu < 1:
         p.error("--num-samples and --batch-per-gpu must be >= 1")
@@ -79,19 +86,24 @@ def check_against_model(args: argparse.Namespace, num_classes: int) -> None:
 
 
 def default_out(args: argparse.Namespace, run_dir: Path, ckpt: Path, steps: int | None) -> Path:
-    """<run>/samples/<checkpoint>-<sampler>-<steps>-seed<seed>, plus non-default guidance and label."""
+    """<run>/samples/<checkpoint>-<sampler>-<steps>-seed<seed>, plus a non-default DDIM eps, guidance and label."""
     name = f"{ckpt.stem}-{args.sampler}-{steps or 'T'}-seed{args.seed}"
+    if args.sampler == "ddim" and args.ddim_eps != DDIM_EPS_DEFAULT:
+        name += f"-eps-{args.ddim_eps}"
     if args.guidance != 1.0:
         name += f"-g{args.guidance:g}"
     if args.label is not None:
         name += f"-label{args.label}"
+    if args.ema_index:
+        name += f"-ema{args.ema_index}"
     return run_dir / "samples" / name
 
 
 def run(args: argparse.Namespace, info: du.DistInfo) -> Path:
     """Sample on every rank into the sample set; rank 0 writes grid.png and samples.npz. Returns the folder."""
     steps = args.steps if args.steps is not None else (50 if args.sampler == "ddim" else None)
-    got = open_for_inference(args.run_dir, which=args.weights)  # the newest usable checkpoint, or one line
+    # The newest usable checkpoint of a run directory (or the file given), else one line and exit 2.
+    got = open_for_inference(args.run_dir, which=args.weights, ema_index=args.ema_index)
     model, diffusion, cfg, ckpt = got.model, got.diffusion, got.config, got.path
     m = cfg["model"]
     num_classes = int(m.get("num_classes", 0) or 0)
@@ -103,8 +115,10 @@ def run(args: argparse.Namespace, info: du.DistInfo) -> Path:
     out = Path(args.out) if args.out else default_out(args, run_dir, ckpt, steps)
     samples = SampleSet(out, {
         "checkpoint": str(ckpt.resolve()), "weights": args.weights, "sampler": args.sampler, "steps": steps,
-        "eta": args.eta if args.sampler == "ddim" else None, "seed": args.seed, "guidance": args.guidance,
+        "eta": args.eta if args.sampler == "ddim" else None,
+        "ddim_eps": args.ddim_eps if args.sampler == "ddim" else None, "seed": args.seed, "guidance": args.guidance,
         "label": args.label, "image_size": m["image_size"], "num_classes": num_classes,
+        **({"ema_index": args.ema_index} if args.ema_index else {}),  # profile 0: as sets made before the option
     })
     samples.claim_everywhere("use another --out, or the default folder, which names these settings")
 
@@ -114,7 +128,7 @@ def run(args: argparse.Namespace, info: du.DistInfo) -> Path:
             labels.fill_(args.label)
         imgs = sample_uint8(model, diffusion, range(start, end), image_shape=shape, seed=args.seed,
                             batch_size=args.batch_per_gpu, sampler=args.sampler, steps=steps, eta=args.eta,
-                            guidance_scale=args.guidance, labels=labels, device=info.device)
+                            guidance_scale=args.guidance, labels=labels, device=info.device, ddim_eps=args.ddim_eps)
         for k, img in zip(range(start, end), imgs):
             save_png(img, out / f"{k:06d}.png")
         return imgs.permute(0, 2, 3, 1).numpy(), labels.numpy() if labels is not None else None

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from data_pipeline.storage import atomic_write
+from models.diffusion import DDIM_EPS_DEFAULT
 from trainer import distributed as du
 from trainer.config import Config
 
@@ -54,10 +55,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def sample_uint8(model: nn.Module, diffusion, indices: Sequence[int], *, image_shape: tuple[int, int, int],
                  seed: int, batch_size: int, sampler: str = "ddpm", steps: int | None = None,
                  eta: float = 0.0, guidance_scale: float = 1.0, labels: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 ddim_eps: str = DDIM_EPS_DEFAULT) -> torch.Tensor:
     """Sample the images with the given global indices; returns uint8 (N, C, H, W) on the CPU.
 
     ``labels`` (N,) are aligned with ``indices``; image k depends only on (seed, k, its label).
+    ``ddim_eps``: DDIM's direction term (``GaussianDiffusion.sample``).
     """
     out = []
     indices = list(indices)
@@ -71,7 +74,7 @@ def sample_uint8(model: nn.Module, diffusion, indices: Sequence[int], *, image_s
         y = labels[start: start + len(b)].to(device) if labels is not None else None
         x = diffusion.sample(
             model, image_shape, [image_seed(seed, k) for k in b], sampler=sampler, steps=steps,
-            eta=eta, guidance_scale=guidance_scale, y=y, device=device,
+            eta=eta, guidance_scale=guidance_scale, y=y, device=device, ddim_eps=ddim_eps,
         )
         out.append(to_uint8(x).cpu())
         if bar is not None:
@@ -115,12 +118,13 @@ def sample_images(
     eta: float = 0.0,
     channels: int = 3,
     device: torch.device | str = "cpu",
+    ddim_eps: str = DDIM_EPS_DEFAULT,
 ) -> torch.Tensor:
     """uint8 (len(indices), C, H, W); image k depends only on (image_seed(seed, k), label k % classes)."""
     return sample_uint8(
         model, diffusion, indices, image_shape=(channels, image_size, image_size), seed=seed,
         batch_size=max(1, len(indices)), sampler=sampler, steps=steps or None, eta=eta,
-        labels=class_labels(indices, num_classes), device=device,
+        labels=class_labels(indices, num_classes), device=device, ddim_eps=ddim_eps,
     )
 
 
@@ -136,6 +140,7 @@ def denoising_strip(
     y: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     padding: int = 2,
+    ddim_eps: str = DDIM_EPS_DEFAULT,
 ) -> torch.Tensor:
     """One row per seed: x_t from pure noise x_T (left) to x_0 (right), as in the DDPM figures.
 
@@ -144,7 +149,7 @@ def denoising_strip(
     _, frames = diffusion.sample(
         model, shape=(3, image_size, image_size), seeds=list(seeds), sampler=sampler,
         steps=steps, y=y, device=torch.device(device), progress=False,
-        return_intermediates=True, intermediate_steps=num_columns,
+        return_intermediates=True, intermediate_steps=num_columns, ddim_eps=ddim_eps,
     )  # frames: list over time of (B, C, H, W) on the CPU, x_T first, x_0 last
     # Evenly spaced columns over the trajectory, always the noise and the result.
     pick = sorted({round(i * (len(frames) - 1) / max(num_columns - 1, 1)) for i in range(num_columns)})
@@ -165,7 +170,8 @@ def sample_grid(cfg: Config, diffusion, ema_model: nn.Module, monitor: Any, run_
     labels = class_labels(mine, m.num_classes)
     imgs = sample_uint8(ema_model, diffusion, mine, image_shape=(m.in_channels, m.image_size, m.image_size),
                         seed=cfg.run.seed, batch_size=max(1, cfg.train.batch_size // du.get_world_size()),
-                        sampler=cfg.log.sample_sampler, steps=cfg.log.sample_steps, labels=labels, device=device)
+                        sampler=cfg.log.sample_sampler, steps=cfg.log.sample_steps, labels=labels, device=device,
+                        ddim_eps=cfg.log.sample_ddim_eps)
     allimgs = du.all_gather_tensor(imgs.to(device)).cpu()
     idx = du.all_gather_tensor(torch.tensor(mine, dtype=torch.long, device=device)).cpu()
     if du.is_main():
@@ -179,7 +185,8 @@ def sample_grid(cfg: Config, diffusion, ema_model: nn.Module, monitor: Any, run_
         strip_labels = class_labels(range(k), m.num_classes)
         strip = denoising_strip(diffusion, ema_model, [image_seed(cfg.run.seed, i) for i in range(k)], m.image_size,
                                 sampler=cfg.log.sample_sampler, steps=cfg.log.sample_steps,
-                                y=strip_labels.to(device) if strip_labels is not None else None, device=device)
+                                y=strip_labels.to(device) if strip_labels is not None else None, device=device,
+                                ddim_eps=cfg.log.sample_ddim_eps)
         save_png(strip, out / f"denoise-{nimg:012d}.png")
         monitor.image("samples/denoising", strip, step)
         log.info("sample grid written: %s", out / f"grid-{nimg:012d}.png")

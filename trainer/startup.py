@@ -7,6 +7,7 @@ Each check fails on every rank with the same one-line SetupError (exit code 2).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -201,3 +202,21 @@ def preflight_space(directory: str | Path, checkpoint_bytes: int, keep_last: int
         log.warning("only %d more checkpoint(s) of %s fit in the %s free under %s (checkpoint.keep_last=%d): "
                     "free space before the run needs them", fit, fmt_bytes(checkpoint_bytes), fmt_bytes(free),
                     directory, keep_last)
+
+
+COMPILE_CACHE = "inductor_cache"  # <run dir>/inductor_cache: torch.compile's cache, unless TORCHINDUCTOR_CACHE_DIR is set
+
+
+def remove_compile_partials(cache: str | Path, pid: int | None = None) -> list[Path]:
+    """Remove the temporary files torch.compile left in its cache (``.<pid>.<thread>.tmp``, written
+    then renamed: a full disk leaves them); only process ``pid``'s when given. Returns them."""
+    root = Path(cache)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.rglob(f".{pid if pid is not None else '*'}.*.tmp"):
+        if p.name.split(".")[1].isdigit() and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed

@@ -1,16 +1,25 @@
 """The trainer learns a real image set: scikit-learn's digits through prepare, the 2-rank loop, DDIM.
 
-Samples are drawn with stochastic DDIM-50 (eta = 1): deterministic DDIM (eta = 0) keeps the
-per-channel errors a short run still makes at large t, a colour cast (README, "Convergence
-check"), which would blur the line between a good and a broken run. Thresholds calibrated from
-runs of this test's recipe (tests/configs/digits_8.yaml), scored as below:
+Two arms on the CI recipe (tests/configs/digits_8.yaml): the paper's recipe at full length
+(600 steps x 32) and the fast recipe (configs/recipes/fast.yaml) at a third of its images
+(200 steps x 32). Both must pass the same thresholds with stochastic DDIM-50 (eta = 1); the paper
+arm must also stay gray with deterministic DDIM-50 (eta = 0) under the default direction term
+(``ddim_eps``, README "Convergence check"). Thresholds calibrated from runs of this recipe, scored
+as below (``python -m benchmarks.convergence --config tests/configs/digits_8.yaml --arms ours
+--num-samples 300 ...``, README "The CI test"):
 
-    run                                   confidence   class spread   PCA Frechet   mean |R - B|
-    trained, seeds 0 / 1 / 2              0.85 / 0.84 / 0.82   6.58 / 6.73 / 6.65   0.29 / 0.30 / 0.31   3.7 / 4.2 / 4.2
+    DDIM-50, eta 1                        confidence   class spread   PCA Frechet   mean |R - B|
+    paper, 600 steps, seeds 0 / 1 / 2     CALIB
+    fast, 200 steps, seeds 0 / 1 / 2      CALIB
+    paper, 200 steps (broken: too short)  CALIB
     loss weighted by abar_t (broken)      0.42         4.10           1.44          28.8
     q_sample with abar_t for sqrt(abar_t) 0.66         5.39           0.77           5.1
     untrained model                       0.00         1.00           3.89         112.4
     real held-out digits                  0.98         9.28           0.09           0.0
+
+    DDIM-50, eta 0, paper, 600 steps      mean |R - B|
+    default (model eps), seeds 0 / 1 / 2  CALIB
+    clipped eps (the old default, broken) CALIB
 
 The thresholds sit between trained and broken runs, with a margin on both sides.
 """
@@ -22,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,35 +40,68 @@ from benchmarks.digits import DigitsJudge, prepare_digits, read_shards
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "tests" / "configs" / "digits_8.yaml"
+FAST_IMAGES = 6_400  # a third of the paper arm's 19,200
 
 
-@pytest.mark.slow
-def test_two_rank_training_on_real_digits_gives_recognisable_gray_digits(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DigitsJudge]:
+    """The digits' shards and the judge fitted on them (once for both arms)."""
+    shards = prepare_digits(tmp_path_factory.mktemp("digits"), 8)
+    images, labels = read_shards(shards)
+    return shards, DigitsJudge(images[:, 0].numpy(), labels.numpy())
+
+
+def train(run: Path, shards: Path, *overrides: str) -> tuple[Any, Any, float]:
+    """(EMA model, resolved config, training seconds) of the CI recipe on 2 ranks with overrides."""
     from trainer.checkpoint import load_for_inference
     from trainer.config import load_config
 
-    shards = prepare_digits(tmp_path / "digits", 8)
-    images, labels = read_shards(shards)
-    judge = DigitsJudge(images[:, 0].numpy(), labels.numpy())
-    run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("WORLD_SIZE", None)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "trainer" / "main.py"), "--config", str(CONFIG), f"run.dir={run}", f"data.shards={shards}"],
+         str(REPO / "trainer" / "main.py"), "--config", str(CONFIG), f"run.dir={run}", f"data.shards={shards}",
+         *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    train_s = time.perf_counter() - start
-
+    seconds = time.perf_counter() - start
     model, _, _ = load_for_inference(run)
-    cfg = load_config(CONFIG, [])
-    score = judge.score(sample(model, cfg, 300, steps=50, eta=1.0))
-    summary = f"{score} (training {train_s:.0f} s); real held-out digits: {judge.reference}"
-    print(summary)
-    # samples are digits of every class, not blobs or noise, and gray like every training image
+    return model, load_config(CONFIG, list(overrides)), seconds
+
+
+def assert_recognisable_gray_digits(score: dict[str, float], summary: str) -> None:
+    """Digits of every class, not blobs or noise, and gray like every training image (DDIM-50, eta 1)."""
     assert score["confidence"] > 0.75, summary
     assert score["class_spread"] > 6.0, summary
     assert score["fd_pca"] < 0.55, summary
     assert score["abs_r_minus_b"] < 12.0, summary
+
+
+@pytest.mark.slow
+def test_two_rank_training_on_real_digits_gives_recognisable_gray_digits(
+        digits: tuple[Path, DigitsJudge], tmp_path: Path) -> None:
+    shards, judge = digits
+    model, cfg, seconds = train(tmp_path / "run", shards)
+    score = judge.score(sample(model, cfg, 300, steps=50, eta=1.0))
+    summary = f"{score} (training {seconds:.0f} s); real held-out digits: {judge.reference}"
+    print(summary)
+    assert_recognisable_gray_digits(score, summary)
+    # deterministic DDIM with the default direction term keeps the samples gray too
+    deterministic = judge.score(sample(model, cfg, 300, steps=50, eta=0.0))
+    print(f"DDIM-50, eta 0: {deterministic}")
+    assert deterministic["abs_r_minus_b"] < DDIM_ETA0_CAST, deterministic
+
+
+@pytest.mark.slow
+def test_fast_recipe_reaches_the_same_scores_in_a_third_of_the_images(
+        digits: tuple[Path, DigitsJudge], tmp_path: Path) -> None:
+    shards, judge = digits
+    model, cfg, seconds = train(tmp_path / "fast", shards, "recipe=fast", f"train.total_images={FAST_IMAGES}",
+                                f"checkpoint.every_images={FAST_IMAGES}")
+    assert cfg.train.total_images * 3 == 19_200
+    score = judge.score(sample(model, cfg, 300, steps=50, eta=1.0))
+    summary = f"fast recipe, {FAST_IMAGES} images: {score} (training {seconds:.0f} s)"
+    print(summary)
+    assert_recognisable_gray_digits(score, summary)

@@ -47,9 +47,9 @@ def _cancel_leftover_jobs() -> Iterator[None]:
         _run("scancel", _submitted.pop(), check=False)
 
 
-def _submit_two_nodes(run_dir: Path, *extra: str, entry: str = REAL, max_requeues: int = 3) -> str:
+def _submit_two_nodes(run_dir: Path, *extra: str, entry: str = REAL, max_requeues: int = 3, nodes: int = 2) -> str:
     job_id = submit(
-        ["--config", str(TINY), "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
+        ["--config", str(TINY), "--nodes", str(nodes), "--gpus-per-node", "0", "--tasks-per-node", "1",
          "--cpus-per-task", "1", "--time", "15", "--run-dir", str(run_dir), "--max-requeues",
          str(max_requeues), "--job-name", f"mn-{run_dir.parent.name[:12]}", "--entry", entry,
          f"data.shards={run_dir.parent / 'data'}", *extra]
@@ -176,3 +176,33 @@ def test_stopped_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path: Pat
     assert f"requeued job {job_id} (1/3) after a crash" in logs
     print(f"\nstopped rank (SIGSTOP) on 2 SLURM nodes, dist.timeout_s={timeout_s}: job requeued "
           f"{t_left - t_stop:.1f} s after the stop")
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm")
+@pytest.mark.slow
+def test_a_run_stopped_on_two_nodes_continues_on_one(tmp_path: Path) -> None:
+    """The cluster shrinks under a run: submitted on 2 nodes, stopped (scancel: a checkpoint, not
+    requeued), submitted again on 1 node with the same run directory; the audit shows every position
+    of the run exactly once and each sample once per epoch (the global order)."""
+    from collections import Counter
+
+    from trainer.audit import read_audit
+
+    run_dir = tmp_path / "run"
+    job_id = _submit_two_nodes(run_dir, *LONG, "data.audit=true")
+    wait_for(lambda: len(_checkpoints(run_dir)) >= 1, 300, "the first checkpoint")
+    _run("scancel", job_id)  # SIGTERM on both nodes: one agreed step, one checkpoint, exit 75
+    info, _, _ = _follow(job_id, 300)
+    assert info["JobState"] in FINAL and int(info["Restarts"]) == 0
+    stopped = _checkpoints(run_dir)[-1]
+    assert "stopped by SIGTERM" in all_logs(run_dir)
+    job_id = _submit_two_nodes(run_dir, *LONG, "data.audit=true", nodes=1)
+    info, _, _ = _follow(job_id, 600)
+    logs = all_logs(run_dir)
+    assert info["JobState"] == "COMPLETED", logs[-4000:]
+    assert f"resumed from {stopped}" in logs
+    rows = read_audit(run_dir)
+    assert [r["index"] for r in rows] == list(range(480)), "positions lost or repeated across the resize"
+    per_epoch = Counter((r["epoch"], r["key"]) for r in rows)
+    assert set(per_epoch.values()) == {1} and sum(1 for e, _ in per_epoch if e == 0) == 128

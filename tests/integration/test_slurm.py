@@ -259,12 +259,18 @@ def test_preempted_job_is_requeued_and_resumes(slurm: None, tmp_path: Path) -> N
 @pytest.mark.slurm
 def test_broken_config_fails_once_without_requeue(slurm: None, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    job_id = _submit_tiny(run_dir, "train.no_such_key=1")
+    if not _standin:  # ddpm-submit validates the trainer config before anything is queued
+        with pytest.raises(ValueError, match="no_such_key"):
+            _submit_tiny(run_dir, "train.no_such_key=1")
+    # A set-up mistake only the cluster finds (the shards are missing there): exit 2, failed once.
+    missing = tmp_path / "no-such-shards"
+    job_id = (_submit_tiny(run_dir, "train.no_such_key=1") if _standin else
+              _submit_tiny(run_dir, "data.synthetic_images=0", f"data.shards={missing}/shard-{{000..003}}.tar"))
     info = wait_job(job_id, 180)
     assert info["JobState"] == "FAILED"
     assert int(info["Restarts"]) == 0
     logs = all_logs(run_dir)
-    assert "no_such_key" in logs and "not requeued" in logs
+    assert ("no_such_key" if _standin else "no-such-shards") in logs and "not requeued" in logs
     time.sleep(2)  # a requeue would show up as PENDING again
     assert job_info(job_id)["JobState"] == "FAILED"
     assert not _checkpoints(run_dir)

@@ -27,7 +27,7 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 # any of them shows within a few steps.
 FAST = ["model.base_channels=16", "model.norm_groups=8", "train.total_images=192", "train.warmup_images=16",
         "checkpoint.every_images=16", "log.every_images=8", "log.sample_every_images=48", "log.sample_steps=2",
-        "dist.timeout_s=6"]
+        "dist.timeout_s=6", "ema.snapshot_every_images=8"]
 FINAL = "ckpt-000000000192.pt"
 
 
@@ -73,6 +73,13 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Job:
     """A training command running in its own session; stdout and stderr lines with their arrival times."""
 
@@ -84,6 +91,7 @@ class Job:
         self.out: list[tuple[float, str]] = []
         self.err: list[tuple[float, str]] = []
         self.ended: float | None = None
+        self.seen: list[int] = []  # the job's processes when it was last paused
         self._readers = [threading.Thread(target=self._read, args=(s, lines), daemon=True)
                          for s, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
         for t in self._readers:
@@ -130,7 +138,7 @@ class Job:
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Stop every process of the job (SIGSTOP) for the block, so a fault lands mid-run."""
-        pids = descendants(self.proc.pid)
+        pids = self.seen = descendants(self.proc.pid)
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:
@@ -153,6 +161,16 @@ class Job:
                 self.kill()
                 raise AssertionError(f"no {what} within {timeout} s{self.report()}")
             time.sleep(0.02)
+
+    def left_behind(self, grace_s: float = 10.0) -> list[int]:
+        """Processes of the job seen while paused (workers, torchrun's ranks) still alive after it
+        exited, once ``grace_s`` is over (zombies count as gone)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            alive = [p for p in self.seen if _alive(p)]
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.1)
 
     def __enter__(self) -> Job:
         return self
@@ -204,7 +222,7 @@ def partial_files(run_dir: Path) -> list[Path]:
 
 
 def error_lines(job: Job) -> list[str]:
-    """The lines on stderr, without torchrun's own report (its banner and the failure summary)."""
+    """The non-empty lines on stderr."""
     return [line for _, line in job.err if line.strip()]
 
 

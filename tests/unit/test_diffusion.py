@@ -202,3 +202,159 @@ def test_drop_labels():
     assert (drop_labels(y, 1.0, torch.Generator(), null_label=7) == 7).all()
     with pytest.raises(ValueError, match="p: expected a probability"):
         drop_labels(y, 1.5, torch.Generator())
+
+
+# ---- the faster-training options: loss weights, timestep distributions, zero terminal SNR -------------
+
+
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([0.5 * math.erfc(-v / math.sqrt(2)) for v in z.tolist()], dtype=torch.float64)
+
+
+def test_paper_defaults_are_unchanged():
+    d = GaussianDiffusion(DiffusionConfig())
+    assert (d.cfg.loss_weight, d.cfg.t_sampling, d.cfg.zero_terminal_snr) == ("uniform", "uniform", False)
+    t = torch.arange(1000)
+    assert torch.equal(d.loss_weights(t), torch.ones(1000))
+    u = torch.rand(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(d.timesteps_from_uniform(u), (u * 1000).long())  # floor(u T), bit for bit as before
+    assert torch.allclose(d.timestep_probs(), torch.full((1000,), 1e-3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights_are_one_weighting_in_every_target(gamma):
+    # Hang et al. 2023: min(SNR_t, gamma) ||x0 - x0_hat||^2, whatever the network predicts
+    torch.manual_seed(0)
+    t = torch.tensor([0, 10, 100, 300, 600, 999])
+    x0, eps, out = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    losses = {}
+    for target in ("eps", "x0", "v"):
+        d = GaussianDiffusion(DiffusionConfig(target=target, loss_weight="min_snr", min_snr_gamma=gamma))
+        abar = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        snr = (abar / (1 - abar)).flatten()
+        x_t = d.q_sample(x0, t, eps)
+        pred = d.target_for(x0, t, eps) + 0.1 * out  # a model output with some error
+        x0_hat, _ = d.predict_x0_eps(pred, x_t, d.alphas_cumprod[t])
+        weighted = d.loss_weights(t).double() * (pred - d.target_for(x0, t, eps)).double().pow(2).mean((1, 2, 3))
+        expected = snr.clamp(max=gamma) * (x0_hat - x0).double().pow(2).mean((1, 2, 3))
+        assert torch.allclose(weighted, expected, rtol=1e-3), target
+        losses[target] = weighted
+        closed = {"eps": snr.clamp(max=gamma) / snr, "x0": snr.clamp(max=gamma),
+                  "v": snr.clamp(max=gamma) / (snr + 1)}[target]
+        assert torch.allclose(d.loss_weights(t).double(), closed, rtol=1e-6)
+    eps_w = GaussianDiffusion(DiffusionConfig(loss_weight="min_snr", min_snr_gamma=gamma)).loss_weights(t)
+    assert eps_w[-1] == 1.0 and eps_w[0] == pytest.approx(gamma / 9999.0, rel=1e-3)  # 1 at high t, gamma/SNR low
+
+
+def test_min_snr_eps_weight_is_finite_at_zero_snr():
+    d = GaussianDiffusion(DiffusionConfig(target="v", zero_terminal_snr=True, loss_weight="min_snr"))
+    assert d.snr(torch.tensor([999])).item() == 0.0
+    assert d.loss_weights(torch.tensor([999])).item() == 0.0  # v: min(0, gamma) / (0 + 1)
+    eps_weights = GaussianDiffusion(DiffusionConfig(loss_weight="min_snr"))
+    assert torch.isfinite(eps_weights.loss_weights(torch.arange(1000))).all()
+
+
+def _check_inverse_cdf(d: GaussianDiffusion, probs: torch.Tensor) -> None:
+    """timesteps_from_uniform on a fine grid of u has the frequencies of the closed-form probs."""
+    n = 2_000_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    counts = torch.bincount(d.timesteps_from_uniform(u), minlength=d.num_timesteps).double() / n
+    assert (counts - probs).abs().max() < 2.0 / n
+    assert torch.allclose(d.timestep_probs(), probs, rtol=1e-9, atol=1e-15)
+
+
+def test_lognormal_timesteps_follow_edm():
+    # EDM (Karras et al. 2022, Table 1): ln sigma ~ N(-1.2, 1.2^2), sigma_t = sqrt((1 - abar_t) / abar_t);
+    # t takes the mass between the midpoints of neighbouring ln sigma
+    d = GaussianDiffusion(DiffusionConfig(t_sampling="lognormal"))
+    abar = d.alphas_cumprod
+    ln_sigma = [0.5 * math.log((1 - a) / a) for a in abar.tolist()]
+    edges = torch.tensor([-math.inf] + [(a + b) / 2 for a, b in zip(ln_sigma, ln_sigma[1:])] + [math.inf],
+                         dtype=torch.float64)
+    cdf = _normal_cdf((edges + 1.2) / 1.2)
+    _check_inverse_cdf(d, cdf[1:] - cdf[:-1])
+    # the median noise level is exp(P_mean): half the draws have sigma_t below it (to one timestep)
+    t_med = int(d.timesteps_from_uniform(torch.tensor([0.5], dtype=torch.float64)))
+    assert abs(ln_sigma[t_med] - (-1.2)) < (ln_sigma[t_med + 1] - ln_sigma[t_med - 1])
+    custom = GaussianDiffusion(DiffusionConfig(t_sampling="lognormal", t_mean=0.5, t_std=0.3))
+    t_med = int(custom.timesteps_from_uniform(torch.tensor([0.5], dtype=torch.float64)))
+    assert abs(ln_sigma[t_med] - 0.5) < (ln_sigma[t_med + 1] - ln_sigma[t_med - 1])
+
+
+def test_logit_normal_timesteps_follow_sd3():
+    # SD3 (Esser et al. 2024): logit(tau) ~ N(0, 1), tau = t / T; t holds tau in [t/T, (t+1)/T)
+    T = 1000
+    d = GaussianDiffusion(DiffusionConfig(t_sampling="logit_normal"))
+    tau = torch.arange(T + 1, dtype=torch.float64) / T
+    logit = torch.log(tau) - torch.log1p(-tau)  # -inf .. inf
+    cdf = _normal_cdf(logit)
+    probs = cdf[1:] - cdf[:-1]
+    _check_inverse_cdf(d, probs)
+    assert probs.argmax().item() in (499, 500) and probs[0] < 1e-6  # mid-range t, little at the ends
+    # the density of the continuous law at tau: phi(logit tau) / (tau (1 - tau))
+    mid = 250.5 / T
+    density = math.exp(-0.5 * math.log(mid / (1 - mid)) ** 2) / math.sqrt(2 * math.pi) / (mid * (1 - mid))
+    assert probs[250].item() * T == pytest.approx(density, rel=1e-3)
+
+
+def test_sample_t_follows_the_configured_distribution():
+    d = GaussianDiffusion(DiffusionConfig(t_sampling="lognormal"))
+    t = d.sample_t(20_000, torch.Generator().manual_seed(0))
+    assert abs(t.float().mean().item() - (d.timestep_probs() * torch.arange(1000)).sum().item()) < 5
+
+
+def test_zero_terminal_snr_rescale_is_lin_et_al_algorithm_1():
+    plain = GaussianDiffusion(DiffusionConfig(target="v"))
+    d = GaussianDiffusion(DiffusionConfig(target="v", zero_terminal_snr=True))
+    s0, s = plain.sqrt_alphas_cumprod, d.alphas_cumprod.sqrt()
+    assert d.alphas_cumprod[-1].item() == 0.0 and d.betas[-1].item() == pytest.approx(1.0)
+    assert d.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-12)
+    # sqrt(abar) is shifted by its last value and scaled to keep the first
+    expected = (s0 - s0[-1]) * s0[0] / (s0[0] - s0[-1])
+    assert torch.allclose(s, expected, rtol=1e-9, atol=1e-12)
+    assert ((d.betas > 0) & (d.betas <= 1)).all()
+    assert torch.isfinite(d.posterior_variance).all() and torch.isfinite(d.posterior_mean_coef1).all()
+
+
+def test_new_options_are_validated():
+    bad = [dict(loss_weight="p2"), dict(loss_weight="min_snr", min_snr_gamma=0.0), dict(t_sampling="beta"),
+           dict(t_mean=1.0), dict(t_sampling="lognormal", t_std=0.0), dict(zero_terminal_snr=True)]
+    for kw in bad:
+        with pytest.raises(ValueError, match="diffusion\\."):
+            DiffusionConfig(**kw).validate()
+    with pytest.raises(ValueError, match="target=v"):
+        GaussianDiffusion(DiffusionConfig(zero_terminal_snr=True))
+
+
+def test_diffusion_loss_logs_eq14_and_backpropagates_the_weighted_loss():
+    from trainer.loss import DiffusionLoss
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=8, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(4,), dropout=0.0)
+    model = UNet(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    batch = {"image": torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)}
+    grads, values = {}, {}
+    for weight in ("uniform", "min_snr"):
+        d = GaussianDiffusion(DiffusionConfig(target="v", loss_weight=weight, t_sampling="logit_normal"))
+        loss = DiffusionLoss(d, seed=3, num_classes=0, label_dropout=0.0, device=torch.device("cpu"))
+        model.zero_grad()
+        losses, t = loss(model, batch, range(6))
+        losses.mean().backward()
+        grads[weight] = [p.grad.clone() for p in model.parameters()]
+        values[weight] = (losses.detach(), t, d.loss_weights(t))
+    (lu, tu, _), (lw, tw, w) = values["uniform"], values["min_snr"]
+    assert torch.equal(tu, tw) and torch.equal(lu, lw)  # same draws; the logged values stay eq. 14's
+    assert not torch.allclose(w, torch.ones_like(w))
+    # the gradient is that of mean(w_t * L_t): recompute it directly
+    model.zero_grad()
+    d = GaussianDiffusion(DiffusionConfig(target="v", loss_weight="min_snr", t_sampling="logit_normal"))
+    x0 = batch["image"].float() / 127.5 - 1
+    _, noise, _ = DiffusionLoss(d, seed=3, num_classes=0, label_dropout=0.0, device=torch.device("cpu")).draws(
+        range(6), (3, 8, 8))
+    (w * d.training_losses(model, x0, tw, noise)).mean().backward()
+    for g, p in zip(grads["min_snr"], model.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-9)

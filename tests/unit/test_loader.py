@@ -17,8 +17,8 @@ import torch
 from data_pipeline import DataConfig, build_loader
 from data_pipeline.config import SetupError
 from data_pipeline.loader import decode_image
-from data_pipeline.streaming import worker_shards
 from data_pipeline.shards import image_part, iter_tar
+from data_pipeline.streaming import worker_shards
 from tests.data_helpers import make_shards, take
 
 

@@ -214,3 +214,13 @@ def test_default_density_reconstructs_widths_0_02_to_0_25_within_5_percent() -> 
     assert all(got[s] < 0.012 for s in (0.03, 0.05, 0.07, 0.1, 0.15, 0.2))
     assert got[0.02] < 0.05 and got[0.25] < 0.05
     assert got[0.01] > 0.1 and got[0.28] > 0.05
+
+
+def test_an_unreadable_snapshot_is_left_out_and_the_rest_still_reconstruct(tmp_path: Path) -> None:
+    trajectory(tmp_path, Vector(256), (0.05, 0.10), steps=40, batch=8, every=32)  # 10 snapshots
+    broken = list_snapshots(snapshot_dir(tmp_path))[4][1]
+    broken.write_bytes(broken.read_bytes()[:100])  # a truncated file (a disk fault after the rename)
+    snaps = read_snapshots(tmp_path)
+    assert len(snaps) == 9 and broken not in [s.path for s in snaps]
+    p = plan(snaps, [0.07])
+    assert p.errors[0] < 0.05 and len(reconstruct(p, [0])) == 1

@@ -1,5 +1,7 @@
 """Samplers: determinism per seed, oracle recovery, guidance, intermediates, and equality with diffusers."""
 
+import math
+
 import pytest
 import torch
 
@@ -164,12 +166,14 @@ def test_ddpm_matches_diffusers(var_type, steps):
     assert torch.allclose(ours, x, atol=1e-4)
 
 
+@pytest.mark.parametrize("ddim_eps", ["model", "clipped"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_ddim_matches_diffusers(spacing, eta):
+def test_ddim_matches_diffusers(spacing, eta, ddim_eps):
+    # model: diffusers' default (use_clipped_model_output=False); clipped: eps from the clipped x0
     diffusers = pytest.importorskip("diffusers")
     d = GaussianDiffusion(DiffusionConfig())
-    ours = d.sample(table_eps, SHAPE, [5], sampler="ddim", steps=25, eta=eta, spacing=spacing)
+    ours = d.sample(table_eps, SHAPE, [5], sampler="ddim", steps=25, eta=eta, spacing=spacing, ddim_eps=ddim_eps)
     sched = diffusers.DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",
@@ -183,7 +187,7 @@ def test_ddim_matches_diffusers(spacing, eta):
     x = torch.randn((1, *SHAPE), generator=gen)
     for i, t in enumerate(sched.timesteps):
         noise = torch.randn((1, *SHAPE), generator=gen) if eta > 0 and i < 24 else torch.zeros(1, *SHAPE)
-        x = sched.step(table_eps(x, t[None]), t, x, eta=eta, use_clipped_model_output=True,
+        x = sched.step(table_eps(x, t[None]), t, x, eta=eta, use_clipped_model_output=ddim_eps == "clipped",
                        variance_noise=noise).prev_sample
     assert torch.allclose(ours, x, atol=1e-5)
 
@@ -204,3 +208,80 @@ def test_one_ddpm_step_via_q_posterior_matches_diffusers_step():
     theirs = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(9))
     assert torch.allclose(theirs.pred_original_sample, x0.clamp(-1, 1), atol=1e-5)
     assert torch.allclose(theirs.prev_sample, ours, atol=1e-5)
+
+
+# ---- DDIM's direction term and zero terminal SNR ----------------------------------------------------
+
+
+def test_ddim_eps_conventions_differ_only_where_x0_is_clipped():
+    d = GaussianDiffusion(DiffusionConfig(timesteps=100))
+
+    def small(x, t):  # eps that keeps x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) inside [-1, 1]
+        abar = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        return (x - abar.sqrt() * 0.5 * torch.tanh(x)) / (1 - abar).sqrt()
+
+    kw = dict(sampler="ddim", steps=10)
+    assert torch.allclose(d.sample(small, SHAPE, [1, 2], ddim_eps="model", **kw),
+                          d.sample(small, SHAPE, [1, 2], ddim_eps="clipped", **kw), atol=1e-5)
+    model = d.sample(fake_eps, SHAPE, [1, 2], ddim_eps="model", **kw)  # x0 leaves [-1, 1]: clipped
+    assert not torch.allclose(model, d.sample(fake_eps, SHAPE, [1, 2], ddim_eps="clipped", **kw), atol=1e-3)
+    with pytest.raises(ValueError, match="ddim_eps"):
+        d.sample(fake_eps, SHAPE, [1], ddim_eps="guided", **kw)
+
+
+def test_one_ddim_step_of_each_convention():
+    # DDIM eq. 12 with eta = 0: x_prev = sqrt(a_prev) clip(x0) + sqrt(1 - a_prev) eps_dir; 2 leading steps: 500, 0
+    d = GaussianDiffusion(DiffusionConfig(timesteps=1000))
+    x_T = torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(7))
+    out = table_eps(x_T, torch.tensor([500]))
+    a_t, a_prev = d.alphas_cumprod[500].item(), d.alphas_cumprod[0].item()
+    x0 = ((x_T - math.sqrt(1 - a_t) * out) / math.sqrt(a_t)).clamp(-1, 1)
+    assert (x0.abs() == 1).any()  # the step clips
+    directions = {"model": out, "clipped": (x_T - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)}
+    for conv, eps in directions.items():
+        x_prev = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        _, frames = d.sample(table_eps, SHAPE, [7], sampler="ddim", steps=2, ddim_eps=conv,
+                             return_intermediates=True, intermediate_steps=3)
+        assert torch.allclose(frames[1], x_prev, atol=1e-5), conv
+
+
+def test_zero_terminal_snr_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    ours = GaussianDiffusion(DiffusionConfig(target="v", zero_terminal_snr=True))
+    theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", rescale_betas_zero_snr=True,
+                                     prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=True,
+                                     set_alpha_to_one=True, steps_offset=0)
+    assert torch.allclose(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=1e-4, atol=1e-7)
+    # trailing spacing is the default on this schedule: the first step is t = T - 1 (SNR 0)
+    x = ours.sample(table_eps, SHAPE, [5], sampler="ddim", steps=25, ddim_eps="model")
+    theirs.set_timesteps(25)
+    assert int(theirs.timesteps[0]) == 999
+    xd = torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(5))
+    for t in theirs.timesteps:
+        xd = theirs.step(table_eps(xd, t[None]), t, xd, eta=0.0).prev_sample
+    assert torch.allclose(x, xd, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_oracle_recovers_the_image_with_zero_terminal_snr(sampler):
+    d = GaussianDiffusion(DiffusionConfig(timesteps=50, target="v", zero_terminal_snr=True))
+    x0 = torch.rand(1, *SHAPE) * 1.6 - 0.8
+
+    def oracle(x_t, t):
+        abar = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return d.target_for(x0.expand_as(x_t), t, eps)
+
+    out = d.sample(oracle, SHAPE, [0, 1], sampler=sampler, steps=10)
+    assert torch.allclose(out, x0.expand(2, *SHAPE), atol=1e-4)
+
+
+def test_exported_scheduler_of_a_zero_terminal_snr_run_has_its_schedule():
+    diffusers = pytest.importorskip("diffusers")
+    from models.interop import diffusers_scheduler_config
+
+    cfg = DiffusionConfig(target="v", zero_terminal_snr=True)
+    sched = diffusers.DDPMScheduler.from_config(diffusers_scheduler_config(cfg))
+    ours = GaussianDiffusion(cfg)
+    assert torch.allclose(ours.alphas_cumprod.float(), sched.alphas_cumprod, rtol=1e-4, atol=1e-7)
+    assert sched.config.timestep_spacing == "trailing" and sched.config.prediction_type == "v_prediction"

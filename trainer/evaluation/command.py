@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from data_pipeline.storage import StorageError, atomic_write
+from models.diffusion import DDIM_EPS, DDIM_EPS_DEFAULT
 from trainer import distributed as du
 from trainer.config import ConfigError
 from trainer.errors import EXIT_CONFIG, EXIT_OK, StorageFault, classify
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm = the paper's ancestral sampler")
     p.add_argument("--steps", type=int, default=0, help="sampling steps (0 = T for ddpm, 100 for ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--ddim-eps", choices=DDIM_EPS, default=DDIM_EPS_DEFAULT,
+                   help="DDIM direction term: model = the model's eps (diffusers' default), clipped = eps from the "
+                        "clipped x0 (guided-diffusion)")
     p.add_argument("--batch-per-gpu", type=int, default=256, help="images per GPU per sampling call")
     p.add_argument("--out", default="", help="output folder (default <run-dir>/eval/<checkpoint>-<sampler><steps>-seed<S>)")
     p.add_argument("--reference", default="", help="reference .npz (stats or arr_0 images); default: training shards")
@@ -113,7 +117,8 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
     channels = int(mcfg.get("in_channels", 3) or 3)
     steps_name = args.steps or "T"
     out_dir = Path(args.out or Path(args.run_dir or ckpt.parent.parent) / "eval" / (
-        f"{ckpt.stem}-{args.sampler}{steps_name}-seed{args.seed}"))
+        f"{ckpt.stem}-{args.sampler}{steps_name}-seed{args.seed}"
+        + (f"-eps-{args.ddim_eps}" if args.sampler == "ddim" and args.ddim_eps != DDIM_EPS_DEFAULT else "")))
     # What makes sample k what it is; a restart with other values would mix two protocols.
     protocol = {
         "checkpoint": str(ckpt.resolve()),
@@ -121,6 +126,7 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
         "sampler": args.sampler,
         "steps": args.steps or None,
         "eta": args.eta if args.sampler == "ddim" else None,
+        "ddim_eps": args.ddim_eps if args.sampler == "ddim" else None,
         "seed": args.seed,
         "image_size": image_size,
         "num_classes": num_classes,
@@ -143,7 +149,7 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
         images = sample_images(
             model, diffusion, list(range(s, e)), seed=args.seed, image_size=image_size,
             num_classes=num_classes, sampler=args.sampler, steps=args.steps, eta=args.eta,
-            channels=channels, device=device,
+            channels=channels, device=device, ddim_eps=args.ddim_eps,
         )
         labels = (np.arange(s, e, dtype=np.int64) % num_classes) if num_classes else None
         return images.permute(0, 2, 3, 1).cpu().numpy(), labels
@@ -221,7 +227,8 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [(k.upper().replace("_STD", " std"), f"{v:.4f}") for k, v in report["metrics"].items()]
     rows += [
         ("checkpoint", f"{Path(p['checkpoint']).name} ({p['weights']})"),
-        ("sampler", f"{p['sampler']}, {p['steps']} steps" + (f", eta {p['eta']}" if p.get("eta") is not None else "")),
+        ("sampler", f"{p['sampler']}, {p['steps']} steps" + (f", eta {p['eta']}" if p.get("eta") is not None else "")
+         + (f", eps {p['ddim_eps']}" if p.get("ddim_eps") else "")),
         ("samples", f"{p['num_samples']} (seed {p['seed']} + k)"),
         ("features", f"{p['feature_extractor']} via {p['library']}, weights {p['inception_weights']}"),
         ("reference", f"{ref.get('source', '?')} ({ref.get('num_images', '?')} images)"),

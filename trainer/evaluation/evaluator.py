@@ -52,6 +52,7 @@ class Evaluator:
             "sampler": c.sampler,
             "steps": c.steps,
             "eta": c.eta,
+            "ddim_eps": c.ddim_eps if c.sampler == "ddim" else None,  # DDIM's direction term (README: FID)
             "num_samples": c.num_samples,
             "seed": c.seed,
             "feature_extractor": c.feature_extractor,
@@ -77,7 +78,7 @@ class Evaluator:
                 images = sample_images(
                     model, diffusion, idx, seed=c.seed, image_size=self.image_size,
                     num_classes=self.num_classes, sampler=c.sampler, steps=c.steps, eta=c.eta,
-                    device=self.device,
+                    device=self.device, ddim_eps=c.ddim_eps,
                 )
                 for k, v in extract_features(self.extractor, images, self.device).items():
                     parts.setdefault(k, []).append(v)
