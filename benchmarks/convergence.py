@@ -111,6 +111,28 @@ def per_t(model: nn.Module, cfg: Any, images: torch.Tensor, ts: Sequence[int], s
     return rows
 
 
+def scoring_key(args: argparse.Namespace, images: int) -> str:
+    """What makes a score what it is: the point of the run, the sampler and the number of samples."""
+    from models.diffusion import DDIM_EPS_DEFAULT
+
+    ddim = {"eta": args.eta, "ddim_eps": args.ddim_eps or DDIM_EPS_DEFAULT} if args.sampler == "ddim" else {}
+    return json.dumps({"images": images, "sampler": args.sampler, "steps": args.steps, **ddim, "spacing": args.spacing,
+                       "clip": not args.no_clip, "weights": args.weights, "num_samples": args.num_samples},
+                      sort_keys=True)
+
+
+def cached(run_dir: Path | None, key: str, compute: Any) -> dict[str, float]:
+    """``compute()``, or its value from an earlier command on the same run (``scores.json``): the samples
+    and the judge are seeded, so a score is a function of the run and the key."""
+    path = run_dir / "scores.json" if run_dir is not None else None
+    scores = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    if key not in scores:
+        scores[key] = compute()
+        if path is not None:
+            timing.write_json(path, scores)
+    return scores[key]
+
+
 def per_t_table(rows: list[dict[str, Any]]) -> str:
     """The per-t rows as a Markdown table."""
     out = ["| t | eps MSE (R, G, B) | x0 error gain | mean \\|x0_R - x0_B\\| (pixels) | "
@@ -222,6 +244,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, set[str]
                    help="also the per-channel eps and x0 errors at these timesteps, on 256 real images")
     p.add_argument("--fractions", default="1", metavar="F,F,...",
                    help="score the ours arm at these fractions of the run (twelfths, e.g. 1/6,1/3,1; default 1)")
+    p.add_argument("--keep-every", type=int, default=0, metavar="IMAGES",
+                   help="the ours arm keeps a checkpoint every this many images (default: a twelfth of the run)")
     p.add_argument("--target", default=None, metavar="RESULTS.json",
                    help="report the images needed to reach the final median confidence and PCA FD of these results")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here (results.json is always)")
@@ -250,7 +274,9 @@ def check(args: argparse.Namespace, given: set[str], cfg: Any) -> tuple[list[int
     if ("eta" in given or "ddim_eps" in given) and args.sampler != "ddim":
         raise UsageError("--eta and --ddim-eps are DDIM's: ancestral DDPM (--sampler ddpm) draws fresh noise at "
                          "every step and has no direction term")
-    total, every = cfg.train.total_images, milestone_images(cfg)
+    total, every = cfg.train.total_images, args.keep_every or milestone_images(cfg)
+    if every <= 0 or every % cfg.train.batch_size:
+        raise UsageError(f"--keep-every: a positive multiple of train.batch_size={cfg.train.batch_size}, got {every}")
     try:
         fractions = sorted({Fraction(x) for x in args.fractions.split(",") if x})
     except (ValueError, ZeroDivisionError):
@@ -259,7 +285,7 @@ def check(args: argparse.Namespace, given: set[str], cfg: Any) -> tuple[list[int
     if not fractions or any(not 0 < f <= 1 or (n != total and (f * total != n or n % every))
                             for f, n in zip(fractions, points)):
         raise UsageError(f"--fractions: fractions in (0, 1] at a kept checkpoint (every {every} of the {total} "
-                         f"images: 1/12, 1/6, ...), got {args.fractions!r}")
+                         f"images; --keep-every sets it), got {args.fractions!r}")
     if points != [total] and arms != ["ours"]:
         raise UsageError("--fractions scores the ours arm's kept checkpoints: use --arms ours")
     if "diffusers" in arms and (cfg.diffusion.schedule != "linear" or cfg.diffusion.target != "eps"):
@@ -299,14 +325,18 @@ def run(args: argparse.Namespace, given: set[str], argv: Sequence[str] | None) -
         for arm in arms:
             if arm == "ours":
                 res = train_ours(cfg_file, args.overrides, out / f"ours-seed{seed}", shards, seed=seed,
-                                 nproc=args.nproc, milestone_every=milestone_images(cfg))
+                                 nproc=args.nproc, milestone_every=args.keep_every or milestone_images(cfg))
             else:
                 res = train_diffusers(cfg, images, seed=seed)
             for n in points:
                 model = res.model_at(n, args.weights)
-                samples = sample(model, cfg, args.num_samples, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                 spacing=args.spacing, clip=not args.no_clip, ddim_eps=args.ddim_eps)
-                row = {"arm": arm, "seed": seed, "images": n, **judge.score(samples),
+
+                def score(m: nn.Module = model) -> dict[str, float]:
+                    return judge.score(sample(m, cfg, args.num_samples, sampler=args.sampler, steps=args.steps,
+                                              eta=args.eta, spacing=args.spacing, clip=not args.no_clip,
+                                              ddim_eps=args.ddim_eps))
+
+                row = {"arm": arm, "seed": seed, "images": n, **cached(res.run_dir, scoring_key(args, n), score),
                        "loss_10%": loss_at(res.losses, 0.1, n), "loss_50%": loss_at(res.losses, 0.5, n),
                        "loss_100%": loss_at(res.losses, 1.0, n),
                        "core_ms_per_image": 1e3 * res.wall_s * res.cores / res.images, "reused_run": res.reused,

@@ -28,6 +28,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.images import IMAGE_EXTS, decode_image
 from data_pipeline.restore import restore_from_ranks
 from data_pipeline.shards import resolve_shards, sample_key
+from data_pipeline.storage import atomic_path, atomic_write
 
 
 class TarIndex:
@@ -76,16 +77,14 @@ def write_beton(manifest: str | os.PathLike, path: str | os.PathLike, workers: i
     # Small images are stored raw (decode is then a memcpy); big ones as JPEG like the shards.
     mode = "raw" if size <= 64 else "jpg"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     fields = {
         "image": RGBImageField(write_mode=mode, max_resolution=size, jpeg_quality=quality),
         "label": IntField(),
     }
-    DatasetWriter(str(tmp), fields, num_workers=max(1, workers)).from_indexed_dataset(source)
-    os.replace(tmp, path)  # a .beton under its final name is complete
+    with atomic_path(path, what="FFCV file") as tmp:  # a .beton under its final name is complete
+        DatasetWriter(str(tmp), fields, num_workers=max(1, workers)).from_indexed_dataset(source)
     meta = {"image_size": size, "num_samples": len(source), "classes": man.get("classes", [])}
-    path.with_name(path.name + ".json").write_text(json.dumps(meta))
+    atomic_write(path.with_name(path.name + ".json"), json.dumps(meta), what="FFCV file metadata")
     return path
 
 

@@ -229,6 +229,31 @@ def _fail(e: BaseException, tmp: Path, path: Path, needed: int | None, what: str
     raise err from (None if err is e else e)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, what: str = "", fix: str = "") -> Iterator[Path]:
+    """For writers that only take a file name (FFCV's DatasetWriter): yields the temporary name to
+    write; after the block the file is fsynced and renamed into place, committed like ``atomic_write``."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        fault = e if is_fault(e) else find_fault(e)
+        if fault is not None:
+            raise storage_error(fault, path, what=what, fix=fix) from e
+        raise
+
+
 def atomic_link(src: str | os.PathLike, dst: str | os.PathLike, *, what: str = "") -> Path:
     """Make ``dst`` a hard link to ``src`` atomically (a copy where links are not supported)."""
     src, dst = Path(src), Path(dst)

@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.storage import atomic_write
 from launch import slurm_env
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -245,9 +246,11 @@ class TrainTask:
         sig = sig if code == slurm_env.EXIT_REQUEUE else None
         # Recorded for the batch script, which decides once every task has ended (after_step).
         rec = outcome_dir(self.run_dir, job_id, restarts) / f"rank{rank}.json"
-        rec.parent.mkdir(parents=True, exist_ok=True)
-        rec.write_text(json.dumps(asdict(Outcome(rank=rank, host=socket.gethostname(), code=code,
-                                                 signal=sig, time=time.time()))))
+        try:
+            atomic_write(rec, json.dumps(asdict(Outcome(rank=rank, host=socket.gethostname(), code=code,
+                                                        signal=sig, time=time.time()))), what="task outcome")
+        except OSError as e:  # the run directory's disk failed: the lost record reads as a crash of this rank
+            _log(f"rank={rank}: {e}")
         _log(f"rank={rank} trainer exited with {code}" + (f" ({sig})" if sig else ""))
         if code == 0:
             return code

@@ -305,19 +305,3 @@ def load_diffusers_unet(path: str | os.PathLike) -> UNet:
     model = UNet(cfg)
     model.load_state_dict(convert_state_dict_from_diffusers(sd, cfg))
     return model
-
-
-def export_diffusers_unet(model: UNet, out_dir: str | os.PathLike) -> None:
-    """Write model as a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors)."""
-    from safetensors.torch import save_file
-
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
-    cfg = model.cfg
-    config = diffusers_config_from_unet(cfg)
-    sd = convert_state_dict_to_diffusers(
-        {k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "diffusion_pytorch_model.safetensors"))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -63,32 +63,44 @@ def _json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, indent=2) + "\n"
 
 
-def export_run(run_dir_or_ckpt: str | Path, out: str | Path, weights: str = "ema", ema_index: int = 0) -> Path:
-    """Write the DDPMPipeline folder of a run's checkpoint into ``out``; returns the checkpoint used."""
+def export_unet(model: Any, out_dir: str | Path, version: str | None = None) -> Path:
+    """Write a UNet as a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors),
+    each file atomically: ``UNet2DModel.from_pretrained(out_dir)`` loads it."""
     from safetensors.torch import save as safetensors_bytes
 
-    from models.interop import (
-        convert_state_dict_to_diffusers,
-        diffusers_config_from_unet,
-        diffusers_scheduler_config,
-    )
+    from models.interop import convert_state_dict_to_diffusers, diffusers_config_from_unet
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    cfg = model.cfg
+    try:
+        config = diffusers_config_from_unet(cfg)
+    except ValueError as e:
+        raise ExportError(f"this model cannot be exported to diffusers: {e}") from None
+    state = convert_state_dict_to_diffusers({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    out = Path(out_dir)
+    atomic_write(out / "diffusion_pytorch_model.safetensors", safetensors_bytes(state, metadata={"format": "pt"}),
+                 what="exported weights")
+    atomic_write(out / "config.json", _json({**config, "_diffusers_version": version or _diffusers_version()}),
+                 what="exported UNet config")
+    return out
+
+
+def export_run(run_dir_or_ckpt: str | Path, out: str | Path, weights: str = "ema", ema_index: int = 0) -> Path:
+    """Write the DDPMPipeline folder of a run's checkpoint into ``out``; returns the checkpoint used."""
+    from models.interop import diffusers_config_from_unet, diffusers_scheduler_config
     from trainer.checkpoint import open_for_inference
 
     got = open_for_inference(run_dir_or_ckpt, which=weights, ema_index=ema_index)
     model, cfg = got.model, got.model.cfg
     try:
-        unet_config = diffusers_config_from_unet(cfg)
+        diffusers_config_from_unet(cfg)  # refuse before writing anything
         scheduler_config = diffusers_scheduler_config(got.diffusion.cfg)
     except ValueError as e:
         raise ExportError(f"{got.path} cannot be exported to diffusers: {e}") from None
     version = _diffusers_version()
-    state = convert_state_dict_to_diffusers({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
-    blob = safetensors_bytes(state, metadata={"format": "pt"})
     out = Path(out)
     # Weights and configs first, model_index.json last: a folder that has it is complete.
-    atomic_write(out / "unet" / "diffusion_pytorch_model.safetensors", blob, what="exported weights")
-    atomic_write(out / "unet" / "config.json", _json({**unet_config, "_diffusers_version": version}),
-                 what="exported UNet config")
+    export_unet(model, out / "unet", version)
     atomic_write(out / "scheduler" / "scheduler_config.json",
                  _json({**scheduler_config, "_diffusers_version": version}), what="exported scheduler config")
     atomic_write(out / "model_index.json", _json({

@@ -25,6 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchrun trainer/main.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_pipeline.storage import atomic_write  # noqa: E402
 from trainer.errors import (  # noqa: E402
     EXIT_CONFIG,
     EXIT_ERROR,
@@ -68,7 +69,7 @@ def tell_torchrun(message: str) -> None:
         return
     info = {"py_callstack": message, "timestamp": str(int(time.time()))}
     try:
-        Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
+        atomic_write(path, json.dumps({"message": {"message": message, "extraInfo": info}}), what="error file")
     except OSError:
         pass  # only a nicer summary is lost
 

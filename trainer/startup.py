@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.storage import StorageError, check_writable, fmt_bytes, free_bytes
+from data_pipeline.storage import StorageError, atomic_write, check_writable, fmt_bytes, free_bytes
 from trainer import distributed as du
 from trainer.config import ConfigError
 from trainer.distributed import DistInfo
@@ -124,8 +124,7 @@ def check_shared_dir(directory: str | Path, *, timeout_s: float = 30.0) -> None:
     probe_name = du.broadcast_object(f".shared-check-{token}" if du.is_main() else None)
     probe = directory / probe_name
     if du.is_main():
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_text(probe_name)
+        atomic_write(probe, probe_name, what="shared-directory probe")
     du.barrier()  # rank 0's write happens before anyone looks
     deadline = time.monotonic() + timeout_s
     while True:

@@ -29,6 +29,7 @@ from benchmarks.trainer_internals import (
     load_cfg,
     to_yaml,
 )
+from data_pipeline.storage import atomic_write
 
 
 def ddp_worker(out: Path, overrides: list[str]) -> int:
@@ -68,7 +69,7 @@ def ddp_worker(out: Path, overrides: list[str]) -> int:
         "graphs": counters["stats"].get("unique_graphs", 0),
         "graph_breaks": {k.strip().splitlines()[0][:160] + " | " + (k.strip().splitlines() + [""])[1].strip()[:200]: v
                          for k, v in counters["graph_break"].items()}}
-    out.write_text(json.dumps(result))
+    atomic_write(out, json.dumps(result))
     dist.destroy_process_group()
     return 0
 
@@ -107,7 +108,7 @@ def section_resume(check: Check) -> dict[str, Any]:
     data = check.work / "resume_data"
     ensure_synthetic_shards(data, 128, 16, seed=0, progress=False)  # once, before the runs share it
     cfg_path = check.work / "resume.yaml"
-    cfg_path.write_text(to_yaml(load_cfg(None, [
+    atomic_write(cfg_path, to_yaml(load_cfg(None, [
         *tiny_overrides, f"data.shards={data}", "data.synthetic_images=0", "data.num_workers=1",
         f"checkpoint.every_images={half}", "log.every_images=8", "log.sample_every_images=0",
         "log.tensorboard=false"])))

@@ -133,16 +133,23 @@ def test_conditional_model_without_labels_is_refused_at_start(tmp_path: Path) ->
 # --------------------------------------------------------------------------- item 7: attention by level
 
 
-def test_quickstart_changes_image_size_and_refuses_two_attention_keys(tmp_path: Path) -> None:
+def test_quickstart_changes_image_size_and_a_command_line_key_wins(tmp_path: Path) -> None:
     main = [sys.executable, str(REPO / "trainer" / "main.py")]
     ok = _run(main + ["--dry-run", "model.image_size=64"], _env(), timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "attn_resolutions:\n  - 16\n  attn_levels:\n  - 2\n" in ok.stdout  # the lowest level at 64px
-    both = _run(main + [f"run.dir={tmp_path / 'run'}", "model.attn_resolutions=[16]"], _env(), timeout=120)
+    # The preset places attention by level; the command line's resolutions replace it, with one note.
+    wins = _run(main + ["--dry-run", "model.attn_resolutions=[16]"], _env(), timeout=120)
+    assert wins.returncode == 0, wins.stderr[-2000:]
+    assert "# model.attn_resolutions from the command line replaces model.attn_levels from the config file" in wins.stdout
+    assert "attn_resolutions:\n  - 16\n  attn_levels: []\n" in wins.stdout
+    # Both keys on the command line is still a mistake: one line, exit 2.
+    both = _run(main + [f"run.dir={tmp_path / 'run'}", "model.attn_resolutions=[8]", "model.attn_levels=[1]"],
+                _env(), timeout=120)
     assert both.returncode == 2 and "Traceback" not in both.stdout + both.stderr
     [line] = both.stderr.splitlines()
-    assert line == ("config error: model.attn_levels=[2] and model.attn_resolutions=[16] both place attention: "
-                    "set one of them (model.attn_levels=[] to use model.attn_resolutions)")
+    assert line == ("config error: model.attn_levels=[1] and model.attn_resolutions=[8] both place attention "
+                    "(both on the command line): set one of them")
 
 
 # --------------------------------------------------------------------------- item 4: Ctrl-C under torchrun

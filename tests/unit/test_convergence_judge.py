@@ -116,3 +116,39 @@ def test_sampler_without_clipping_is_the_plain_ddim_ode() -> None:
     torch.testing.assert_close(got, x.clamp(-1, 1), rtol=1e-5, atol=1e-5)
     clipped = diffusion.sample(model, (3, 2, 2), [7], sampler="ddim", steps=5)
     assert not torch.allclose(clipped, got)  # the default (the paper's) clips x0 at every step
+
+
+def _row(seed: int, images: int, confidence: float, fd: float) -> dict:
+    return {"arm": "ours", "seed": seed, "images": images, "confidence": confidence, "fd_pca": fd,
+            "class_spread": 5.0, "abs_r_minus_b": 1.0, "channel_bias": 0.0, "core_ms_per_image": 2.0}
+
+
+def test_images_to_target_is_the_first_scored_point_that_reaches_both_scores(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.convergence import images_to_target, read_target
+
+    paper = {"rows": [{"arm": "real (held-out)", "seed": ""}, _row(0, 300, 0.8, 0.5), _row(1, 300, 0.9, 0.3),
+                      _row(0, 100, 0.1, 9.0)]}
+    (tmp_path / "paper.json").write_text(json.dumps({"results": paper}))  # a --json report
+    target = read_target(str(tmp_path / "paper.json"))
+    assert (target["images"], target["confidence"], target["fd_pca"]) == (300, pytest.approx(0.85), pytest.approx(0.4))
+    rows = [_row(0, 100, 0.86, 0.5), _row(0, 150, 0.86, 0.39), _row(1, 100, 0.7, 0.3), _row(1, 150, 0.8, 0.3), _row(1, 200, 0.9, 0.2)]
+    got = {r["seed"]: r for r in images_to_target(rows, target)}
+    assert got[0]["images_to_target"] == 150 and got[0]["ratio"] == pytest.approx(0.5)
+    assert got[1]["images_to_target"] == 200  # confidence 0.8 < 0.85 at 150
+    # the median curve: confidence 0.78 at 100, 0.83 at 150, 0.9 (seed 1's point alone) at 200
+    assert got["median"]["images_to_target"] == 200 and got["median"]["core_s_to_target"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fractions", "1/5,1"], "--fractions: fractions in"),
+    (["--fractions", "1/3,1", "--arms", "ours,diffusers"], "use --arms ours"),
+    (["--sampler", "ddpm", "--ddim-eps", "model"], "DDIM's"),
+    (["--keep-every", "100"], "--keep-every: a positive multiple"),
+])
+def test_convergence_refuses_what_it_cannot_score(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import convergence
+
+    assert convergence.main(["--config", "tests/configs/digits_8.yaml", "--arms", "ours", *argv]) == 2
+    assert message in capsys.readouterr().err

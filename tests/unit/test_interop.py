@@ -9,11 +9,11 @@ from models.interop import (
     convert_state_dict_from_diffusers,
     convert_state_dict_to_diffusers,
     diffusers_config_from_unet,
-    export_diffusers_unet,
     load_diffusers_unet,
     unet_config_from_diffusers,
 )
 from models.unet import UNet, UNetConfig, count_parameters
+from trainer.export import export_unet as export_diffusers_unet
 
 diffusers = pytest.importorskip("diffusers")
 

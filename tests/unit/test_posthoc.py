@@ -131,10 +131,10 @@ def test_requests_that_cannot_be_met_are_one_line_and_exit_2(tmp_path: Path, cap
 
 
 def test_reconstructed_file_opens_for_sampling_evaluation_and_export(tmp_path: Path) -> None:
-    from models.interop import export_diffusers_unet
     from models.unet import UNet
     from trainer.checkpoint import open_for_inference
     from trainer.config import load_config, to_dict
+    from trainer.export import export_unet as export_diffusers_unet
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
     torch.manual_seed(0)
