@@ -361,6 +361,6 @@ def reference_markdown() -> str:
         obj = getattr(root, sec.name)
         for f in dataclasses.fields(obj):
             default = to_dict(getattr(obj, f.name))
-            doc = f.metadata.get("help", "")
+            doc = f.metadata.get("help", "").replace("|", "\\|")  # a bare | would split the table's cell
             lines.append(f"| `{sec.name}.{f.name}` | `{json.dumps(default)}` | {doc} |")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from trainer import distributed as du  # noqa: E402
 from trainer.build import build_model, build_optimizer, parallelize  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.loss import DiffusionLoss, batch_positions  # noqa: E402
+from trainer.startup import init_distributed  # noqa: E402
 from trainer.step import micro_step, optimizer_step  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def main() -> int:
     cfg = load_config(args.config, ["train.compile=false"])
     # oneDNN gives a 1x1 conv weight channels_last gradient strides only with more than one thread
     torch.set_num_threads(2)
-    info = du.init_distributed("gloo")
+    info = init_distributed("gloo")
     device = info.device
     fmt = torch.channels_last if args.input_format == "channels_last" else torch.contiguous_format
     s = cfg.model.image_size

@@ -24,7 +24,7 @@ from tests.integration.test_train import scalars, train
 from trainer.audit import read_audit
 
 # Global batch 12 on 40 images: an epoch ends inside step 3 (images 36..47) and inside step 6.
-COMMON = ["train.batch_size=12", "log.every_images=12", "checkpoint.every_images=24", "log.sample_every_images=0",
+COMMON = ["train.batch_size=12", "log.every_images=12", "checkpoint.every_images=24", "ema.snapshot_every_images=24", "log.sample_every_images=0",
           "train.warmup_images=24", "data.audit=true", "data.shuffle_shards=2", "model.dropout=0.0"]
 TOTAL = 96
 RTOL = 1e-4  # per-step losses, relative
