@@ -88,7 +88,8 @@ def test_time_parsing_and_run_dir(tmp_path: Path) -> None:
 
 def test_dry_run_shows_job_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job_id = submit(
-        ["--dry-run", "--config", str(TINY), "--nodes", "4", "--gpus-per-node", "8",
+        # 4 nodes x 2 GPUs: a world of 8 that tiny.yaml's batch of 8 divides (the config is validated first)
+        ["--dry-run", "--config", str(TINY), "--nodes", "4", "--gpus-per-node", "2",
          "--partition", "gpu", "--account", "proj", "--qos", "high", "--time", "2-00:00:00",
          "--constraint", "h100", "--mem", "480G", "--cpus-per-task", "12", "--exclude", "bad[1-2]",
          "--job-name", "church", "--run-dir", str(tmp_path / "run"), "--signal-lead-s", "240",
@@ -96,7 +97,7 @@ def test_dry_run_shows_job_script(tmp_path: Path, capsys: pytest.CaptureFixture[
     )
     out = capsys.readouterr().out
     assert job_id == ""
-    for line in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
+    for line in ["--nodes=4", "--ntasks-per-node=2", "--gpus-per-node=2", "--partition=gpu",
                  "--account=proj", "--qos=high", "--time=2880", "--constraint=h100", "--mem=480G",
                  "--cpus-per-task=12", "--exclude='bad[1-2]'", "--job-name=church",
                  "--signal=USR2@240", "--requeue"]:

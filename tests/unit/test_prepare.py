@@ -361,7 +361,8 @@ def test_cli_bad_sources_are_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_resumes(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
-    make_image_folder(src, 240, size=64)
+    # enough shards that the Ctrl-C lands while the workers still run, even on a loaded machine
+    make_image_folder(src, 720, size=64)
     args = [
         sys.executable,
         "-m",
@@ -398,7 +399,7 @@ def test_ctrl_c_prints_one_line_and_resumes(tmp_path: Path) -> None:
     assert "finished shards are kept" in lines[0] and "run the same command again" in lines[0]
     rerun = cli(*args[3:], timeout=300)
     assert rerun.returncode == 0 and "resuming: kept" in rerun.stderr
-    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 240
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 720
 
 
 # ----------------------------------------------------------------------------- empty shards, own output
