@@ -91,7 +91,7 @@ def test_roundtrip_through_dict() -> None:
 
 
 @pytest.mark.parametrize("name", ["cifar10_32", "celebahq_256", "lsun_bedroom_256", "lsun_church_256",
-                                  "lsun_cat_256", "quickstart", "digits_16"])
+                                  "lsun_cat_256", "quickstart", "digits_16", "digits_16_fast"])
 def test_presets_load(name: str) -> None:
     cfg = load_config(preset_path(name))
     plan_batches(cfg, world_size=1)  # intervals divisible by the batch
