@@ -385,6 +385,9 @@ def test_ctrl_c_prints_one_line_and_resumes(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # A background job of a non-interactive shell ignores SIGINT, and Python then installs no
+        # KeyboardInterrupt handler: give the child the terminal's default, whoever runs pytest.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
