@@ -55,6 +55,7 @@ from benchmarks.digits import (
 )
 from benchmarks.timing import UsageError
 from benchmarks.trainer_internals import config_path, image_seed, load_cfg, to_uint8
+from trainer.sampling import add_ddim_eps_option
 
 MODULE = "benchmarks.convergence"
 SAMPLING = ("arms", "num_samples", "sampler", "steps", "eta", "ddim_eps", "spacing", "no_clip", "weights", "per_t",
@@ -233,9 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, set[str]
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: stochastic)")
-    p.add_argument("--ddim-eps", choices=("model", "clipped"), default=None,
-                   help="DDIM direction term: the model's eps (diffusers' default) or eps from the clipped x0 "
-                        "(guided-diffusion); default: the trainer's default")
+    add_ddim_eps_option(p, default=None)
     p.add_argument("--spacing", choices=("leading", "trailing"), default=None,
                    help="sampler timestep spacing (default: leading, trailing on a zero-terminal-SNR schedule)")
     p.add_argument("--no-clip", action="store_true", help="sample without clipping x0 at every step")

@@ -182,8 +182,7 @@ def bench_draws(cfg: Any, batch: int, repeats: int, warmup: int, device: torch.d
     """Per-sample draws (trainer.loss) vs one batched draw, and one fwd+bwd for scale; interleaved."""
     torch.manual_seed(0)
     rig = StepRig(cfg, device)
-    loss = rig.make_loss(rig.memory_format) if hasattr(rig, "memory_format") else rig.make_loss(
-        torch.contiguous_format if device.type != "cuda" else torch.channels_last)
+    loss = rig.loss  # the trainer's loss object, in the trainer's input layout
     data = random_batch(cfg, batch, device)
     shape = tuple(data["image"].shape[1:])
     T = cfg.diffusion.timesteps
@@ -199,7 +198,7 @@ def bench_draws(cfg: Any, batch: int, repeats: int, warmup: int, device: torch.d
         torch.randn((batch, *shape), generator=gen, device=device)
 
     def step() -> None:
-        rig.forward_backward(data, loss=loss)
+        rig.forward_backward(data)
         rig.optimizer.zero_grad(set_to_none=True)
 
     runs = timing.time_arms({"batched": batched, "per_sample": per_sample, "fwd_bwd": step}, repeats,

@@ -246,12 +246,7 @@ def atomic_path(path: str | os.PathLike, *, what: str = "", fix: str = "") -> It
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        fault = e if is_fault(e) else find_fault(e)
-        if fault is not None:
-            raise storage_error(fault, path, what=what, fix=fix) from e
-        raise
+        _fail(e, tmp, path, None, what, fix)
 
 
 def atomic_link(src: str | os.PathLike, dst: str | os.PathLike, *, what: str = "") -> Path:
@@ -314,7 +309,6 @@ def reserve_check(directory: str | os.PathLike, needed: int) -> tuple[bool, int 
     """(whether ``needed`` bytes fit on the filesystem of ``directory``, bytes free)."""
     free = free_bytes(directory)
     return (free is None or free >= needed), free
-
 
 
 class DirWatch:

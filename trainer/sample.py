@@ -21,12 +21,18 @@ import numpy as np
 import torch
 
 from data_pipeline.storage import find_fault, storage_error
-from models.diffusion import DDIM_EPS, DDIM_EPS_DEFAULT
 from trainer import distributed as du
 from trainer.checkpoint import open_for_inference
 from trainer.errors import EXIT_CONFIG, EXIT_OK, StorageFault, classify
 from trainer.sample_set import ProtocolMismatchError, SampleSet, adm_npz_images
-from trainer.sampling import class_labels, make_grid, sample_uint8, save_png
+from trainer.sampling import (
+    add_ddim_eps_option,
+    class_labels,
+    ddim_eps_suffix,
+    make_grid,
+    sample_uint8,
+    save_png,
+)
 from trainer.startup import init_distributed
 
 log = logging.getLogger("ddpm")
@@ -50,9 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm = the paper's ancestral sampler")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: T for ddpm, 50 for ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--ddim-eps", choices=DDIM_EPS, default=DDIM_EPS_DEFAULT,
-                   help="DDIM direction term: model = the model's eps (diffusers' default), clipped = eps from the "
-                        "clipped x0 (guided-diffusion)")
+    add_ddim_eps_option(p)
     p.add_argument("--seed", type=int, default=0, help="base seed: image k's noise derives from (seed, k)")
     p.add_argument("--batch-per-gpu", type=int, default=64, help="images per GPU per sampler call (one chunk)")
     p.add_argument("--guidance", type=float, default=1.0,
@@ -88,8 +92,7 @@ def check_against_model(args: argparse.Namespace, num_classes: int) -> None:
 def default_out(args: argparse.Namespace, run_dir: Path, ckpt: Path, steps: int | None) -> Path:
     """<run>/samples/<checkpoint>-<sampler>-<steps>-seed<seed>, plus a non-default DDIM eps, guidance and label."""
     name = f"{ckpt.stem}-{args.sampler}-{steps or 'T'}-seed{args.seed}"
-    if args.sampler == "ddim" and args.ddim_eps != DDIM_EPS_DEFAULT:
-        name += f"-eps-{args.ddim_eps}"
+    name += ddim_eps_suffix(args.sampler, args.ddim_eps)
     if args.guidance != 1.0:
         name += f"-g{args.guidance:g}"
     if args.label is not None:

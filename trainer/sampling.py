@@ -7,6 +7,7 @@ the grid and denoising strip written during training come from here too.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import logging
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from data_pipeline.storage import atomic_write
-from models.diffusion import DDIM_EPS_DEFAULT
+from models.diffusion import DDIM_EPS, DDIM_EPS_DEFAULT
 from trainer import distributed as du
 from trainer.config import Config
 
@@ -44,6 +45,18 @@ def class_labels(indices: Sequence[int], num_classes: int) -> torch.Tensor | Non
     if num_classes <= 0:
         return None
     return torch.tensor([k % num_classes for k in indices], dtype=torch.long)
+
+
+def add_ddim_eps_option(p: argparse.ArgumentParser, default: str | None = DDIM_EPS_DEFAULT) -> None:
+    """``--ddim-eps model|clipped``, DDIM's direction term, on a command's parser (None: the default convention)."""
+    p.add_argument("--ddim-eps", choices=DDIM_EPS, default=default,
+                   help="DDIM direction term: model = the model's eps (diffusers' default), clipped = eps from the "
+                        "clipped x0 (guided-diffusion)" + ("" if default else f"; default: {DDIM_EPS_DEFAULT}"))
+
+
+def ddim_eps_suffix(sampler: str, ddim_eps: str) -> str:
+    """An output folder's suffix for a DDIM direction term other than the default ('' otherwise)."""
+    return f"-eps-{ddim_eps}" if sampler == "ddim" and ddim_eps != DDIM_EPS_DEFAULT else ""
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

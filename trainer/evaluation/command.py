@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from data_pipeline.storage import StorageError, atomic_write
-from models.diffusion import DDIM_EPS, DDIM_EPS_DEFAULT
 from trainer import distributed as du
 from trainer.config import ConfigError
 from trainer.errors import EXIT_CONFIG, EXIT_OK, StorageFault, classify
@@ -37,7 +36,7 @@ from trainer.evaluation.metrics import (
 )
 from trainer.evaluation.reference import load_reference, reference_from_data
 from trainer.sample_set import ProtocolMismatchError, SampleSet
-from trainer.sampling import sample_images
+from trainer.sampling import add_ddim_eps_option, ddim_eps_suffix, sample_images
 from trainer.startup import init_distributed
 
 log = logging.getLogger("ddpm")
@@ -79,9 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm = the paper's ancestral sampler")
     p.add_argument("--steps", type=int, default=0, help="sampling steps (0 = T for ddpm, 100 for ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--ddim-eps", choices=DDIM_EPS, default=DDIM_EPS_DEFAULT,
-                   help="DDIM direction term: model = the model's eps (diffusers' default), clipped = eps from the "
-                        "clipped x0 (guided-diffusion)")
+    add_ddim_eps_option(p)
     p.add_argument("--batch-per-gpu", type=int, default=256, help="images per GPU per sampling call")
     p.add_argument("--out", default="", help="output folder (default <run-dir>/eval/<checkpoint>-<sampler><steps>-seed<S>)")
     p.add_argument("--reference", default="", help="reference .npz (stats or arr_0 images); default: training shards")
@@ -118,7 +115,7 @@ def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
     steps_name = args.steps or "T"
     out_dir = Path(args.out or Path(args.run_dir or ckpt.parent.parent) / "eval" / (
         f"{ckpt.stem}-{args.sampler}{steps_name}-seed{args.seed}"
-        + (f"-eps-{args.ddim_eps}" if args.sampler == "ddim" and args.ddim_eps != DDIM_EPS_DEFAULT else "")))
+        + ddim_eps_suffix(args.sampler, args.ddim_eps)))
     # What makes sample k what it is; a restart with other values would mix two protocols.
     protocol = {
         "checkpoint": str(ckpt.resolve()),
